@@ -13,7 +13,11 @@ COMMANDS = {
     "run": ("bridge.cli.run", "run", "Run the agent: collect flows with eBPF and export them."),
     "collect": ("bridge.cli.collect", "collect", "Receive IPFIX/v9/v5 and print the flows."),
     "replay": ("bridge.cli.replay", "replay", "Export flow records read from JSON lines."),
-    "generate": ("bridge.cli.generate", "generate", "Export synthetic flows to load-test a collector."),
+    "generate": (
+        "bridge.cli.generate",
+        "generate",
+        "Export synthetic flows to load-test a collector.",
+    ),
     "doctor": ("bridge.cli.doctor", "doctor", "Check that this host can run the agent."),
 }
 

@@ -1,0 +1,212 @@
+"""The agent's loop: poll the source, update the cache, expire, export to every collector.
+
+One thread does all the work (the metrics server only reads counters). Signals only set flags;
+the loop acts on them between polls: stop exports every live flow as a forced end, reload swaps
+exporters and timeouts but keeps the cache, so no flow state is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from bridge.cache import Export, FlowCache
+from bridge.config import AgentConfig, CollectorConfig, default_observation_domain_id
+from bridge.errors import UserError
+from bridge.exporter import Exporter
+from bridge.loopback import LoopbackCollector
+from ebpf.observation import ObservationSource, SourceStats
+
+log = logging.getLogger("flowbridge.agent")
+
+POLL_MS = 200  # bounds how late a signal is acted on
+
+
+def interface_names() -> dict[int, str]:
+    try:
+        return dict(socket.if_nameindex())
+    except OSError:
+        return {}
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        source: ObservationSource,
+        *,
+        clock: Callable[[], float] = time.time,
+        printer: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.clock = clock
+        self._printer = printer
+        self.observation_domain_id = config.observation_domain_id or default_observation_domain_id()
+        self.cache = FlowCache(
+            active_timeout=config.active_timeout,
+            idle_timeout=config.idle_timeout,
+            max_flows=config.max_flows,
+            biflow=config.biflow,
+        )
+        self.loopback: LoopbackCollector | None = None
+        self.exporters: list[Exporter] = self._exporters(config, {})
+        self.observations = 0
+        self.reloads = 0
+        self.source_stats: SourceStats | None = None
+        self._next_options = 0.0
+        self._next_stats = 0.0
+        self._stop = False
+        self._reload = False
+
+    # -- exporters ------------------------------------------------------------------------------
+
+    def _exporters(
+        self, config: AgentConfig, keep: dict[tuple[CollectorConfig, bool], Exporter]
+    ) -> list[Exporter]:
+        """Exporters for `config`; those in `keep` with the same settings are reused, so their
+        sockets, templates and sequence numbers carry on."""
+        collectors = list(config.collectors)
+        if not collectors:
+            if self.loopback is None:
+                self.loopback = LoopbackCollector(self._printer)
+                log.info(
+                    "no collector configured: printing flows from the built-in collector on "
+                    "127.0.0.1:%d",
+                    self.loopback.port,
+                )
+            collectors = [CollectorConfig(host="127.0.0.1", port=self.loopback.port)]
+        exclude = getattr(self.source, "exclude_socket", None)
+        exporters: list[Exporter] = []
+        created: list[Exporter] = []
+        try:
+            for collector in collectors:
+                reused = keep.get((collector, config.biflow))
+                if reused is not None:
+                    exporters.append(reused)
+                    continue
+                created.append(
+                    Exporter(
+                        collector,
+                        self.observation_domain_id,
+                        biflow=config.biflow,
+                        clock=self.clock,
+                        on_socket=exclude,
+                    )
+                )
+                exporters.append(created[-1])
+        except UserError:
+            for exporter in created:
+                exporter.close(0)
+            raise
+        return exporters
+
+    def reload(self, config: AgentConfig) -> None:
+        """New configuration, same flows. Unchanged collectors keep their exporter."""
+        if config.observation_domain_id and (
+            config.observation_domain_id != self.observation_domain_id
+        ):
+            log.warning(
+                "reload: a new observation domain id needs a restart; keeping %d",
+                self.observation_domain_id,
+            )
+        if config.biflow != self.cache.biflow:
+            log.warning(
+                "reload: switching biflow needs a restart; keeping biflow=%s", self.cache.biflow
+            )
+            config = replace(config, biflow=self.cache.biflow)
+        old = {(e.config, self.cache.biflow): e for e in self.exporters}
+        new = self._exporters(config, old)
+        for exporter in self.exporters:
+            if exporter not in new:
+                log.info("collector %s removed", exporter.name)
+                exporter.close(drain_seconds=1.0)
+        for exporter in new:
+            if exporter not in self.exporters:
+                log.info("collector %s added", exporter.name)
+        self.exporters = new
+        self.cache.set_timeouts(config.active_timeout, config.idle_timeout)
+        self.cache.max_flows = config.max_flows
+        self.config = config
+        self.reloads += 1
+        self._next_options = 0.0  # announce the new exporters' options soon
+        log.info(
+            "configuration reloaded: %d collector(s), %d flows kept",
+            len(self.exporters),
+            len(self.cache),
+        )
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def request_reload(self) -> None:
+        self._reload = True
+
+    def run(self, load_config: Callable[[], AgentConfig] | None = None) -> None:
+        """Until a stop is requested; then every live flow is exported (forced end)."""
+        log.info(
+            "exporting to %s (observation domain %d)",
+            ", ".join(e.name for e in self.exporters),
+            self.observation_domain_id,
+        )
+        try:
+            while not self._stop:
+                if self._reload:
+                    self._reload = False
+                    if load_config is not None:
+                        try:
+                            self.reload(load_config())
+                        except UserError as exc:
+                            log.error("reload refused, keeping the running configuration: %s", exc)
+                self.step()
+        finally:
+            self.shutdown()
+
+    def step(self, poll_ms: int = POLL_MS) -> None:
+        observations = self.source.poll(poll_ms)
+        exports: list[Export] = []
+        if observations:
+            self.observations += len(observations)
+            exports = self.cache.update(observations)
+        now = self.clock()
+        exports += self.cache.sweep(int(now * 1000))
+        released = self.cache.take_released()
+        if released:
+            self.source.release(released)
+        self.export(exports)
+        if now >= self._next_options:
+            self._next_options = now + self.config.options_interval
+            names = interface_names()
+            for exporter in self.exporters:
+                exporter.send_options(names)
+        for exporter in self.exporters:
+            exporter.flush()
+        if now >= self._next_stats:
+            self._next_stats = now + 1.0
+            self.source_stats = self.source.stats()
+        if self.loopback is not None:
+            self.loopback.drain()
+
+    def export(self, exports: list[Export]) -> None:
+        if not exports:
+            return
+        biflow = self.cache.biflow
+        for exporter in self.exporters:
+            exporter.export(exports, biflow_cache=biflow)
+
+    def shutdown(self, drain_seconds: float = 2.0) -> None:
+        """Forced end for every live flow, sent before the sockets close."""
+        flows = len(self.cache)
+        exports = self.cache.flush_all()
+        self.export(exports)
+        log.info("shutting down: %d live flows exported as forced end", flows)
+        for exporter in self.exporters:
+            exporter.close(drain_seconds)
+        if self.loopback is not None:
+            self.loopback.close()
+        self.source.close()

@@ -1,0 +1,233 @@
+"""The agent's configuration: a TOML file for several collectors, flags on top.
+
+active_timeout = 60          # seconds
+idle_timeout = 15
+max_flows = 100000           # the cache's bound; a full cache expires its oldest flow
+observation_domain_id = 42   # default: derived from /etc/machine-id
+biflow = false               # RFC 5103 records to IPFIX collectors
+cgroup = "/sys/fs/cgroup/system.slice"
+metrics = "127.0.0.1:9465"
+options_interval = 60        # seconds between options records (statistics, interfaces)
+
+[[collector]]
+address = "127.0.0.1:4739"   # IPv6 as "[::1]:4739"
+protocol = "ipfix"           # ipfix | v9 | v5
+profile = "standard"         # a shipped profile or a path; default per protocol
+transport = "udp"            # udp | tcp
+source = "127.0.0.1"         # optional source address
+max_message_size = 1400
+template_refresh = 30        # seconds
+template_refresh_packets = 20
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from bridge.addresses import format_hostport, parse_hostport
+from bridge.errors import UserError
+
+PROTOCOLS = ("ipfix", "v9", "v5")
+TRANSPORTS = ("udp", "tcp")
+DEFAULT_PROFILE = {"ipfix": "standard", "v9": "standard", "v5": "v5"}
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    host: str
+    port: int
+    protocol: str = "ipfix"
+    profile: str = ""  # "" = the protocol's default
+    transport: str = "udp"
+    source: str | None = None
+    max_message_size: int = 1400
+    template_refresh: float = 30.0
+    template_refresh_packets: int = 20
+
+    @property
+    def address(self) -> str:
+        return format_hostport(self.host, self.port)
+
+    @property
+    def profile_name(self) -> str:
+        return self.profile or DEFAULT_PROFILE[self.protocol]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    collectors: tuple[CollectorConfig, ...] = ()
+    active_timeout: float = 60.0
+    idle_timeout: float = 15.0
+    max_flows: int = 100_000
+    observation_domain_id: int = 0  # 0 = derive from the machine id
+    biflow: bool = False
+    cgroup: str | None = None
+    metrics: str | None = None
+    options_interval: float = 60.0
+
+
+_AGENT_KEYS = {f.name for f in fields(AgentConfig)} - {"collectors"}
+_COLLECTOR_KEYS = ({f.name for f in fields(CollectorConfig)} - {"host", "port"}) | {"address"}
+
+
+def default_observation_domain_id() -> int:
+    """Non-zero, stable across restarts: from /etc/machine-id (else the hostname)."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            seed = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if seed:
+            break
+    else:
+        import socket
+
+        seed = socket.gethostname()
+    value = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:4], "big") & 0x7FFFFFFF
+    return value or 1
+
+
+class _FileReader:
+    """Validates one config file; errors name the file, the line and the key."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(
+                f"config {path}: cannot read: {getattr(exc, 'strerror', exc)}"
+            ) from None
+        self.lines = self.text.splitlines()
+
+    def line_of(self, needle: str, start: int = 0) -> int:
+        for number, line in enumerate(self.lines[start:], start + 1):
+            if line.split("#", 1)[0].strip().startswith(needle):
+                return number
+        return 1
+
+    def fail(self, line: int, message: str) -> UserError:
+        return UserError(f"{self.path}:{line}: {message}")
+
+    def read(self) -> dict:
+        try:
+            data = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as exc:
+            message = str(exc)
+            line = 1
+            if "at line " in message:
+                digits = message.split("at line ", 1)[1].split(",", 1)[0].split(")", 1)[0]
+                line = int(digits) if digits.strip().isdigit() else 1
+            raise self.fail(line, f"invalid TOML: {message.split(' (at line', 1)[0]}") from None
+        values: dict = {}
+        for name, value in data.items():
+            if name == "collector":
+                continue
+            if name not in _AGENT_KEYS:
+                raise self.fail(self.line_of(name), f"unknown key '{name}'")
+            values[name] = _check(name, value, lambda m, n=name: self.fail(self.line_of(n), m))
+        raw = data.get("collector", [])
+        if not isinstance(raw, list):
+            raise self.fail(self.line_of("collector"), "use [[collector]] tables")
+        collectors = []
+        section_lines = [i for i, line in enumerate(self.lines) if line.strip() == "[[collector]]"]
+        for index, table in enumerate(raw):
+            start = section_lines[index] if index < len(section_lines) else 0
+            collectors.append(self.collector(table, index + 1, start))
+        values["collectors"] = tuple(collectors)
+        return values
+
+    def collector(self, table: dict, number: int, start: int) -> CollectorConfig:
+        def fail(key: str, message: str) -> UserError:
+            return self.fail(self.line_of(key, start), f"collector #{number}: {message}")
+
+        for key in table:
+            if key not in _COLLECTOR_KEYS:
+                raise fail(key, f"unknown key '{key}'")
+        if "address" not in table:
+            raise self.fail(start + 1, f"collector #{number}: 'address' (HOST:PORT) is missing")
+        try:
+            host, port = parse_hostport(str(table["address"]), "address")
+        except UserError as exc:
+            raise fail("address", str(exc)) from None
+        values = {k: _check(k, v, lambda m, k=k: fail(k, m)) for k, v in table.items()}
+        values.pop("address")
+        return CollectorConfig(host=host, port=port, **values)
+
+
+def _check(name: str, value: object, fail) -> object:  # type: ignore[no-untyped-def]
+    """One value's type and range; `fail(message)` builds the error naming where it is."""
+    if name in ("active_timeout", "idle_timeout", "template_refresh", "options_interval"):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise fail(f"'{name}' must be a positive number of seconds, not {value!r}")
+        return float(value)
+    if name in ("max_flows", "template_refresh_packets"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise fail(f"'{name}' must be a positive integer, not {value!r}")
+        return value
+    if name == "max_message_size":
+        if isinstance(value, bool) or not isinstance(value, int) or not 256 <= value <= 65535:
+            raise fail(f"'max_message_size' must be 256..65535, not {value!r}")
+        return value
+    if name == "observation_domain_id":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 32:
+            raise fail(f"'observation_domain_id' must be 1..4294967295, not {value!r}")
+        return value
+    if name == "biflow":
+        if not isinstance(value, bool):
+            raise fail(f"'biflow' must be true or false, not {value!r}")
+        return value
+    if name == "protocol" and value not in PROTOCOLS:
+        raise fail(f"'protocol' must be one of {', '.join(PROTOCOLS)}, not {value!r}")
+    if name == "transport" and value not in TRANSPORTS:
+        raise fail(f"'transport' must be udp or tcp, not {value!r}")
+    if name == "metrics" and isinstance(value, str):
+        try:
+            parse_hostport(value, "metrics")
+        except UserError as exc:
+            raise fail(str(exc)) from None
+    if not isinstance(value, str) or not value:
+        raise fail(f"'{name}' must be a non-empty string, not {value!r}")
+    return value
+
+
+@dataclass
+class Overrides:
+    """Values given as flags: None = not given. Collector flags apply to every collector."""
+
+    collectors: tuple[str, ...] = ()
+    agent: dict = field(default_factory=dict)
+    collector: dict = field(default_factory=dict)
+
+
+def build_config(path: str | None, overrides: Overrides) -> AgentConfig:
+    """The file's configuration (if any) with the flags on top."""
+    values = _FileReader(path).read() if path else {"collectors": ()}
+    for name, value in overrides.agent.items():
+        if value is not None:
+            values[name] = _check(name, value, lambda m, n=name: _flag_error(n, m))
+    collectors = list(values.pop("collectors"))
+    if overrides.collectors:
+        collectors = []
+        for text in overrides.collectors:
+            host, port = parse_hostport(text, "--collector")
+            collectors.append(CollectorConfig(host=host, port=port))
+    given = {k: v for k, v in overrides.collector.items() if v is not None}
+    for name, value in given.items():
+        _check(name, value, lambda m, n=name: _flag_error(n, m))
+    collectors = [replace(c, **given) for c in collectors]
+    config = AgentConfig(collectors=tuple(collectors), **values)
+    if config.idle_timeout > config.active_timeout:
+        raise UserError(
+            f"idle timeout {config.idle_timeout:g}s is longer than the active timeout "
+            f"{config.active_timeout:g}s"
+        )
+    return config
+
+
+def _flag_error(name: str, message: str) -> UserError:
+    flag = "--" + name.replace("_", "-")
+    return UserError(f"{flag}: {message}")

@@ -1,0 +1,160 @@
+"""One exporter per collector: profile -> records -> ExportSession -> transport.
+
+Templates and sequence state live in the exporter's own ExportSession, so each collector has its
+own; the transport is one long-lived socket. Nothing a collector does is fatal to the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from bridge.cache import Export
+from bridge.config import CollectorConfig
+from bridge.errors import UserError
+from bridge.messages import carries_templates, data_record_counts
+from bridge.records import RecordBuilder, biflow_profile
+from bridge.transport import Transport, open_transport
+from ipfix.errors import IpfixError
+from ipfix.profile import Profile, load_profile
+from ipfix.session import ExportSession
+
+log = logging.getLogger("flowbridge.exporter")
+
+PACKETS = "packetDeltaCount"
+OCTETS = "octetDeltaCount"
+
+
+def load_collector_profile(config: CollectorConfig) -> Profile:
+    try:
+        return load_profile(config.profile_name)
+    except IpfixError as exc:
+        raise UserError(f"collector {config.address}: {exc}") from None
+
+
+class Exporter:
+    def __init__(
+        self,
+        config: CollectorConfig,
+        observation_domain_id: int,
+        *,
+        biflow: bool = False,
+        clock: Callable[[], float] = time.time,
+        transport: Transport | None = None,
+        on_socket: Callable | None = None,
+    ) -> None:
+        self.config = config
+        self.protocol = config.protocol
+        profile = load_collector_profile(config)
+        # RFC 5103 exists for IPFIX only; other protocols get the two directions as two records.
+        self.biflow = biflow and config.protocol == "ipfix"
+        if self.biflow:
+            profile = biflow_profile(profile)
+        self.profile = profile
+        try:
+            self.session = ExportSession(
+                config.protocol,
+                profile,
+                observation_domain_id,
+                max_message_size=config.max_message_size,
+                template_refresh_seconds=config.template_refresh,
+                template_refresh_packets=config.template_refresh_packets,
+                clock=clock,
+            )
+        except IpfixError as exc:
+            raise UserError(f"collector {config.address}: {exc}") from None
+        self.builder = RecordBuilder(profile.fields, biflow=self.biflow)
+        if transport is None:
+            transport = open_transport(config.transport, config.host, config.port, config.source)
+        self.transport = transport
+        if on_socket is not None:
+            transport.on_socket = on_socket
+            if transport.socket is not None:
+                on_socket(transport.socket)
+        if hasattr(transport, "on_connect"):
+            transport.on_connect = self._on_connect
+        self.records_exported = 0  # records handed to the transport and sent or queued
+        self.records_refused = 0  # records the protocol cannot carry (IPv6 in v5)
+        self.template_messages = 0
+        self.not_sent_packets = 0
+        self.not_sent_octets = 0
+
+    @property
+    def name(self) -> str:
+        c = self.config
+        return f"{c.transport}://{c.address}/{c.protocol}/{self.profile.name}"
+
+    def _on_connect(self) -> list[bytes]:
+        messages = self.session.template_messages()
+        self.template_messages += len(messages)
+        return messages
+
+    def export(self, exports: Sequence[Export], *, biflow_cache: bool = False) -> None:
+        if biflow_cache and not self.biflow:
+            exports = _split_pairs(exports)
+        records = self.builder.build(exports)
+        self.send_records(records)
+
+    def send_records(self, records: list[dict]) -> None:
+        if not records:
+            return
+        refused_before = self.session.refused_records
+        try:
+            messages = self.session.encode(records)
+        except IpfixError as exc:
+            # A value the encoder refuses is a bug or a kernel oddity: lose these, keep running.
+            log.error("collector %s: cannot encode %d records: %s", self.name, len(records), exc)
+            self.records_refused += len(records)
+            return
+        refused = self.session.refused_records - refused_before
+        self.records_refused += refused
+        counts = data_record_counts(self.protocol, messages, len(records) - refused)
+        send = self.transport.send
+        protocol = self.protocol
+        position = 0  # v5 and uniflow records go in order, so messages map to slices
+        for message, count in zip(messages, counts, strict=True):
+            if carries_templates(protocol, message):
+                self.template_messages += 1
+            if not send(message, count) and count and not refused:
+                self._not_sent(records[position : position + count])
+            position += count
+        self.records_exported += len(records) - refused
+
+    def _not_sent(self, records: list[dict]) -> None:
+        self.not_sent_packets += sum(r.get(PACKETS, 0) for r in records)
+        self.not_sent_octets += sum(r.get(OCTETS, 0) for r in records)
+
+    def send_options(self, interfaces: dict[int, str] | None = None) -> None:
+        """Exporter statistics (RFC 7011 §4.3), system init time, sampling and interface names,
+        as far as the protocol carries them."""
+        stats = {
+            "notSentFlowTotalCount": self.transport.stats.records_dropped,
+            "notSentPacketTotalCount": self.not_sent_packets,
+            "notSentOctetTotalCount": self.not_sent_octets,
+        }
+        try:
+            messages = self.session.options_messages(stats, interfaces=interfaces, sampling=True)
+        except IpfixError as exc:
+            log.error("collector %s: cannot encode options: %s", self.name, exc)
+            return
+        for message in messages:
+            self.transport.send(message, 0)
+
+    def flush(self) -> None:
+        self.transport.flush()
+
+    def close(self, drain_seconds: float = 2.0) -> None:
+        self.transport.close(drain_seconds)
+
+
+def _split_pairs(exports: Sequence[Export]) -> list[Export]:
+    out = []
+    for export in exports:
+        peer = export[8]
+        if peer is None:
+            out.append(export)
+        else:
+            out.append(export[:8] + (None,))
+            out.append(peer + (None,))
+    return out

@@ -1,0 +1,618 @@
+// flowbridge: per-flow counters and socket attribution, compiled by bcc at load time.
+//
+// Counting point (see ebpf/README.md): TCX ingress and egress on every interface of every
+// network namespace (on `lo` only egress, which is counted in both directions), keyed by
+// (netns cookie, direction, 5-tuple). Socket-level facts come from cgroup hooks (process
+// context: creator, connecter, binder), SOCK_OPS (TCP state callbacks, end of flow) and the
+// tcp_destroy_sock tracepoint (sockets that existed before the agent).
+//
+// Only UAPI types and helpers are used: the headers bcc compiles against may be older than the
+// running kernel, so nothing here may depend on the layout of kernel-internal structs.
+//
+// Compile-time parameters (cflags): MAX_FLOWS, MAX_SOCKS, RINGBUF_PAGES.
+
+#include <uapi/linux/bpf.h>
+
+#ifndef MAX_FLOWS
+#define MAX_FLOWS 65536
+#endif
+#ifndef MAX_SOCKS
+#define MAX_SOCKS 65536
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 256
+#endif
+
+#define ETH_HLEN_ 14
+#define ETH_P_IP_ 0x0800
+#define ETH_P_IPV6_ 0x86DD
+#define PROTO_ICMP 1
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define PROTO_ICMPV6 58
+#define PROTO_UDPLITE 136
+#define AF_INET_ 2
+#define AF_INET6_ 10
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_STATE_CLOSE 7
+#define TCP_STATE_LISTEN 10
+#define TCX_NEXT_ -1
+
+#define DIR_INGRESS 0
+#define DIR_EGRESS 1
+
+// bcc 0.26 declares bpf_get_socket_cookie as returning u32, which truncates the 64-bit cookie.
+static __u64 (*fb_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
+struct flow_key {
+    __u64 netns;       // network namespace cookie
+    __u8 saddr[16];    // IPv4 in the first 4 bytes
+    __u8 daddr[16];
+    __u16 sport;       // host byte order; 0 for ICMP
+    __u16 dport;       // ICMP: type << 8 | code
+    __u8 proto;
+    __u8 ipver;
+    __u8 direction;
+    __u8 pad;
+};
+
+struct flow_val {
+    __u64 octets;
+    __u64 packets;
+    __u64 first_ns;
+    __u64 last_ns;
+    __u64 tcp_flags;
+    __u64 cookie;          // socket that sent it (egress, full sockets only)
+    __u64 cgroup_id;       // that socket's cgroup v2 id
+    __u64 retrans_packets; // egress TCP segments that resent sequence space already sent
+    __u64 retrans_bytes;   // their IP-layer bytes
+    __u32 ifindex;
+    __u32 seq_end;         // highest sequence number sent + 1 (egress TCP)
+    __u32 srtt_us;
+    __u32 min_rtt_us;
+    __u32 snd_cwnd;
+    __u32 state;
+    __u32 seq_valid;
+    __u32 pad;
+};
+
+struct sock_info {
+    __u64 netns;
+    __u64 cgroup_id;
+    __u32 tgid;
+    __u32 uid;
+    __u16 bound_port;
+    __u8 protocol;
+    __u8 origin;           // 1 socket(), 2 connect(), 3 bind(), 4 inherited from the listener
+    __u8 pad[4];
+    char comm[16];
+};
+
+struct port_key {
+    __u64 netns;
+    __u16 port;
+    __u8 proto;
+    __u8 pad[5];
+};
+
+struct frag_key {
+    __u64 netns;
+    __u8 saddr[16];
+    __u8 daddr[16];
+    __u32 id;
+    __u8 proto;
+    __u8 ipver;
+    __u8 pad[2];
+};
+
+struct frag_ports {
+    __u16 sport;
+    __u16 dport;
+};
+
+#define EV_TCP_CLOSE 1
+#define EV_TCP_DESTROY 2
+#define EV_SOCK_RELEASE 3
+
+struct event {
+    __u32 kind;
+    __u32 old_state;
+    __u64 cookie;
+    __u64 netns;
+    __u8 laddr[16];
+    __u8 raddr[16];
+    __u16 lport;
+    __u16 rport;
+    __u8 family;
+    __u8 proto;
+    __u8 pad[2];
+    struct sock_info info;
+};
+
+// Counters visible to the agent; every loss lands here.
+#define CTR_FLOW_MAP_FULL 0
+#define CTR_SOCK_MAP_FULL 1
+#define CTR_EVENTS_LOST 2
+#define CTR_FRAG_UNKNOWN 3
+#define CTR_TRUNCATED 4
+#define CTR_PORT_MAP_FULL 5
+#define CTR_EXCLUDED_PACKETS 6
+#define N_COUNTERS 8
+
+#define CFG_EXCLUSIONS 0
+
+BPF_HASH(flows, struct flow_key, struct flow_val, MAX_FLOWS);
+BPF_HASH(socks, __u64, struct sock_info, MAX_SOCKS);
+BPF_HASH(ports, struct port_key, __u64, MAX_SOCKS);
+BPF_HASH(excluded, struct port_key, __u8, 4096);
+BPF_HASH(watched, __u64, __u64, MAX_SOCKS);
+BPF_TABLE("lru_hash", struct frag_key, struct frag_ports, frags, 4096);
+BPF_PERCPU_ARRAY(counters, __u64, N_COUNTERS);
+BPF_ARRAY(config, __u64, 4);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline void count(__u32 which)
+{
+    __u64 *c = counters.lookup(&which);
+    if (c)
+        *c += 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packet counting (TCX)
+
+struct pkt {
+    struct flow_key key;
+    __u32 ip_bytes;    // IP-layer bytes of this skb as one packet
+    __u32 hdr_len;     // L3 + L4 header bytes, repeated in each GSO segment
+    __u32 payload;     // L4 payload bytes (TCP sequence space)
+    __u32 seq;
+    __u8 tcp_flags;
+    __u8 has_l4;
+};
+
+static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto, struct pkt *p)
+{
+    __u8 b[20];
+    if (proto == PROTO_TCP) {
+        if (bpf_skb_load_bytes(skb, off, b, 20) < 0)
+            return -1;
+        p->key.sport = ((__u16)b[0] << 8) | b[1];
+        p->key.dport = ((__u16)b[2] << 8) | b[3];
+        p->seq = ((__u32)b[4] << 24) | ((__u32)b[5] << 16) | ((__u32)b[6] << 8) | b[7];
+        p->tcp_flags = b[13];
+        p->hdr_len += (b[12] >> 4) * 4;
+        p->has_l4 = 1;
+    } else if (proto == PROTO_UDP || proto == PROTO_UDPLITE) {
+        if (bpf_skb_load_bytes(skb, off, b, 4) < 0)
+            return -1;
+        p->key.sport = ((__u16)b[0] << 8) | b[1];
+        p->key.dport = ((__u16)b[2] << 8) | b[3];
+        p->hdr_len += 8;
+        p->has_l4 = 1;
+    } else if (proto == PROTO_ICMP || proto == PROTO_ICMPV6) {
+        if (bpf_skb_load_bytes(skb, off, b, 2) < 0)
+            return -1;
+        p->key.dport = ((__u16)b[0] << 8) | b[1];
+        p->hdr_len += 8;
+        p->has_l4 = 1;
+    }
+    return 0;
+}
+
+// Ports of non-first fragments come from the first fragment of the same datagram.
+static __always_inline void frag_ports(struct pkt *p, __u32 id, int first)
+{
+    struct frag_key fk = {};
+    fk.netns = p->key.netns;
+    __builtin_memcpy(fk.saddr, p->key.saddr, 16);
+    __builtin_memcpy(fk.daddr, p->key.daddr, 16);
+    fk.id = id;
+    fk.proto = p->key.proto;
+    fk.ipver = p->key.ipver;
+    if (first) {
+        struct frag_ports fp = {.sport = p->key.sport, .dport = p->key.dport};
+        frags.update(&fk, &fp);
+        return;
+    }
+    struct frag_ports *fp = frags.lookup(&fk);
+    if (fp) {
+        p->key.sport = fp->sport;
+        p->key.dport = fp->dport;
+    } else {
+        count(CTR_FRAG_UNKNOWN);
+    }
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 l3, struct pkt *p)
+{
+    __u8 h[20];
+    if (bpf_skb_load_bytes(skb, l3, h, 20) < 0)
+        return -1;
+    __u32 ihl = (h[0] & 0x0f) * 4;
+    if ((h[0] >> 4) != 4 || ihl < 20)
+        return -1;
+    p->key.ipver = 4;
+    p->key.proto = h[9];
+    __builtin_memcpy(p->key.saddr, &h[12], 4);
+    __builtin_memcpy(p->key.daddr, &h[16], 4);
+    p->ip_bytes = ((__u32)h[2] << 8) | h[3];  // 0 for BIG TCP GSO packets
+    p->hdr_len = ihl;
+    __u16 frag = ((__u16)h[6] << 8) | h[7];
+    __u16 offset = frag & 0x1fff;
+    int more = frag & 0x2000;
+    if (offset == 0 && parse_l4(skb, l3 + ihl, p->key.proto, p) < 0)
+        return -1;
+    if (offset || more)
+        frag_ports(p, ((__u32)h[4] << 8) | h[5], offset == 0);
+    return 0;
+}
+
+static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 l3, struct pkt *p)
+{
+    __u8 h[40];
+    if (bpf_skb_load_bytes(skb, l3, h, 40) < 0)
+        return -1;
+    if ((h[0] >> 4) != 6)
+        return -1;
+    p->key.ipver = 6;
+    __builtin_memcpy(p->key.saddr, &h[8], 16);
+    __builtin_memcpy(p->key.daddr, &h[24], 16);
+    __u32 payload_len = ((__u32)h[4] << 8) | h[5];
+    p->ip_bytes = payload_len ? payload_len + 40 : 0;  // 0: jumbogram or BIG TCP
+    __u8 nh = h[6];
+    __u32 off = l3 + 40;
+    __u32 frag_id = 0;
+    int is_frag = 0, first_frag = 1;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __u8 x[8];
+        if (nh == 0 || nh == 43 || nh == 60) {
+            if (bpf_skb_load_bytes(skb, off, x, 2) < 0)
+                return -1;
+            nh = x[0];
+            off += ((__u32)x[1] + 1) * 8;
+        } else if (nh == 44) {
+            if (bpf_skb_load_bytes(skb, off, x, 8) < 0)
+                return -1;
+            nh = x[0];
+            is_frag = 1;
+            first_frag = ((((__u16)x[2] << 8) | x[3]) & 0xfff8) == 0;
+            frag_id = ((__u32)x[4] << 24) | ((__u32)x[5] << 16) | ((__u32)x[6] << 8) | x[7];
+            off += 8;
+        }
+    }
+    p->key.proto = nh;
+    p->hdr_len = off - l3;
+    if (first_frag && parse_l4(skb, off, nh, p) < 0)
+        return -1;
+    if (is_frag)
+        frag_ports(p, frag_id, first_frag);
+    return 0;
+}
+
+static __always_inline int is_excluded(struct pkt *p, __u8 direction)
+{
+    __u32 k = CFG_EXCLUSIONS;
+    __u64 *on = config.lookup(&k);
+    if (!on || !*on || !p->has_l4 || p->key.proto == PROTO_ICMP || p->key.proto == PROTO_ICMPV6)
+        return 0;
+    struct port_key pk = {};
+    pk.netns = p->key.netns;
+    pk.proto = p->key.proto;
+    pk.port = direction == DIR_EGRESS ? p->key.sport : p->key.dport;
+    return excluded.lookup(&pk) != 0;
+}
+
+static __always_inline struct flow_val *flow_entry(struct flow_key *key, __u64 now)
+{
+    struct flow_val *v = flows.lookup(key);
+    if (v)
+        return v;
+    struct flow_val init = {};
+    init.first_ns = now;
+    int err = flows.insert(key, &init);
+    if (err && err != -17)  // -EEXIST: another CPU created it first
+        count(CTR_FLOW_MAP_FULL);
+    return flows.lookup(key);
+}
+
+static __always_inline void account(struct __sk_buff *skb, struct pkt *p, __u8 direction,
+                                    __u64 packets, __u64 bytes, __u64 now)
+{
+    p->key.direction = direction;
+    struct flow_val *v = flow_entry(&p->key, now);
+    if (!v)
+        return;
+    __sync_fetch_and_add(&v->packets, packets);
+    __sync_fetch_and_add(&v->octets, bytes);
+    __u64 flags = p->tcp_flags;
+    if ((v->tcp_flags & flags) != flags)
+        __sync_fetch_and_or(&v->tcp_flags, flags);
+    v->last_ns = now;
+    v->ifindex = skb->ifindex;
+    if (direction != DIR_EGRESS)
+        return;
+
+    struct bpf_sock *sk = skb->sk;
+    if (sk) {
+        sk = bpf_sk_fullsock(sk);
+        if (sk) {
+            v->cookie = fb_socket_cookie(skb);
+            v->cgroup_id = bpf_skb_cgroup_id(skb);
+            v->state = sk->state;
+            struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
+            if (tp) {
+                v->srtt_us = tp->srtt_us >> 3;  // tcp_sock keeps it scaled by 8
+                v->min_rtt_us = tp->rtt_min;
+                v->snd_cwnd = tp->snd_cwnd;
+            }
+        }
+    }
+    if (p->key.proto != PROTO_TCP || !p->has_l4)
+        return;
+    __u32 syn = (p->tcp_flags & TCP_SYN) ? 1 : 0;
+    __u32 fin = (p->tcp_flags & TCP_FIN) ? 1 : 0;
+    __u32 end = p->seq + p->payload + syn + fin;
+    if (end == p->seq)
+        return;  // pure ACK or RST: no sequence space
+    if (v->seq_valid && (__s32)(p->seq - v->seq_end) < 0) {
+        // A keep-alive probe resends the last byte on purpose: not a retransmission.
+        int keepalive = p->payload <= 1 && !syn && !fin && p->seq == v->seq_end - 1;
+        if (!keepalive) {
+            __sync_fetch_and_add(&v->retrans_packets, packets);
+            __sync_fetch_and_add(&v->retrans_bytes, bytes);
+        }
+    }
+    if (!v->seq_valid || (__s32)(end - v->seq_end) > 0) {
+        v->seq_end = end;
+        v->seq_valid = 1;
+    }
+}
+
+// l3: offset of the IP header; loopback: count as sent and received, one packet per skb
+// (the lo device carries GSO packets whole, as a capture on lo shows them).
+static __always_inline int handle(struct __sk_buff *skb, __u32 l3, __u8 direction, int loopback)
+{
+    if (skb->vlan_present)
+        return TCX_NEXT_;  // counted on the VLAN device itself
+    struct pkt p = {};
+    p.key.netns = bpf_get_netns_cookie(skb);
+    int err;
+    if (skb->protocol == bpf_htons(ETH_P_IP_))
+        err = parse_ipv4(skb, l3, &p);
+    else if (skb->protocol == bpf_htons(ETH_P_IPV6_))
+        err = parse_ipv6(skb, l3, &p);
+    else
+        return TCX_NEXT_;
+    if (err < 0) {
+        count(CTR_TRUNCATED);
+        return TCX_NEXT_;
+    }
+    if (is_excluded(&p, direction) || (loopback && is_excluded(&p, DIR_INGRESS))) {
+        count(CTR_EXCLUDED_PACKETS);
+        return TCX_NEXT_;
+    }
+    __u64 now = bpf_ktime_get_ns();
+    __u32 segs = skb->gso_segs;
+    __u64 packets = 1;
+    __u64 bytes = p.ip_bytes;
+    if (segs > 1 || p.ip_bytes == 0) {
+        // GSO/GRO packet: its length fields do not hold; use the skb's. (Otherwise the IP
+        // length field: the skb may carry link-layer padding.)
+        bytes = skb->len - l3;
+    }
+    if (bytes > p.hdr_len)
+        p.payload = bytes - p.hdr_len;
+    if (segs > 1 && !loopback) {
+        packets = segs;
+        bytes += (__u64)(segs - 1) * p.hdr_len;
+    }
+    account(skb, &p, direction, packets, bytes, now);
+    if (loopback)
+        account(skb, &p, DIR_INGRESS, packets, bytes, now);
+    return TCX_NEXT_;
+}
+
+int tc_ingress(struct __sk_buff *skb) { return handle(skb, ETH_HLEN_, DIR_INGRESS, 0); }
+int tc_egress(struct __sk_buff *skb) { return handle(skb, ETH_HLEN_, DIR_EGRESS, 0); }
+int tc_loopback(struct __sk_buff *skb) { return handle(skb, ETH_HLEN_, DIR_EGRESS, 1); }
+// Devices without a link-layer header (tun, wireguard, ipip): the skb starts at the IP header.
+int tc_ingress_l3(struct __sk_buff *skb) { return handle(skb, 0, DIR_INGRESS, 0); }
+int tc_egress_l3(struct __sk_buff *skb) { return handle(skb, 0, DIR_EGRESS, 0); }
+
+// ---------------------------------------------------------------------------------------------
+// Socket attribution (cgroup hooks: process context)
+
+static __always_inline void current_process(struct sock_info *info, __u8 origin)
+{
+    info->tgid = bpf_get_current_pid_tgid() >> 32;
+    info->uid = (__u32)bpf_get_current_uid_gid();
+    info->cgroup_id = bpf_get_current_cgroup_id();
+    info->origin = origin;
+    bpf_get_current_comm(info->comm, sizeof(info->comm));
+}
+
+static __always_inline void remember_socket(__u64 cookie, struct sock_info *info)
+{
+    if (socks.update(&cookie, info) < 0)
+        count(CTR_SOCK_MAP_FULL);
+}
+
+int sock_create(struct bpf_sock *sk)
+{
+    struct sock_info info = {};
+    current_process(&info, 1);
+    info.netns = bpf_get_netns_cookie(sk);
+    info.protocol = sk->protocol;
+    remember_socket(fb_socket_cookie(sk), &info);
+    return 1;
+}
+
+static __always_inline int on_connect(struct bpf_sock_addr *ctx)
+{
+    __u64 cookie = fb_socket_cookie(ctx);
+    struct sock_info info = {};
+    struct sock_info *old = socks.lookup(&cookie);
+    if (old)
+        info = *old;
+    current_process(&info, 2);
+    info.netns = bpf_get_netns_cookie(ctx);
+    info.protocol = ctx->protocol;
+    remember_socket(cookie, &info);
+    return 1;
+}
+
+int connect4(struct bpf_sock_addr *ctx) { return on_connect(ctx); }
+int connect6(struct bpf_sock_addr *ctx) { return on_connect(ctx); }
+
+static __always_inline int on_bind(struct bpf_sock *sk)
+{
+    __u64 cookie = fb_socket_cookie(sk);
+    struct sock_info info = {};
+    struct sock_info *old = socks.lookup(&cookie);
+    if (old)
+        info = *old;
+    current_process(&info, 3);
+    info.netns = bpf_get_netns_cookie(sk);
+    info.protocol = sk->protocol;
+    info.bound_port = sk->src_port;
+    remember_socket(cookie, &info);
+    struct port_key pk = {.netns = info.netns, .port = info.bound_port, .proto = sk->protocol};
+    if (ports.update(&pk, &cookie) < 0)
+        count(CTR_PORT_MAP_FULL);
+    return 1;
+}
+
+int post_bind4(struct bpf_sock *sk) { return on_bind(sk); }
+int post_bind6(struct bpf_sock *sk) { return on_bind(sk); }
+
+int sock_release(struct bpf_sock *sk)
+{
+    __u64 cookie = fb_socket_cookie(sk);
+    struct sock_info *info = socks.lookup(&cookie);
+    if (!info)
+        return 1;
+    if (info->bound_port) {
+        struct port_key pk = {.netns = info->netns, .port = info->bound_port, .proto = info->protocol};
+        __u64 *owner = ports.lookup(&pk);
+        if (owner && *owner == cookie)
+            ports.delete(&pk);
+    }
+    // A TCP connection outlives its file descriptor (FIN_WAIT, TIME_WAIT): its end comes from
+    // the state callback. Everything else ends here.
+    if (sk->protocol == PROTO_TCP && sk->state != TCP_STATE_CLOSE && sk->state != TCP_STATE_LISTEN)
+        return 1;
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (e) {
+        __builtin_memset(e, 0, sizeof(*e));
+        e->kind = EV_SOCK_RELEASE;
+        e->cookie = cookie;
+        e->netns = info->netns;
+        e->family = sk->family;
+        e->proto = sk->protocol;
+        e->info = *info;
+        events.ringbuf_submit(e, 0);
+    } else {
+        count(CTR_EVENTS_LOST);
+    }
+    socks.delete(&cookie);
+    return 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TCP: state callbacks and end of flow (SOCK_OPS)
+
+static __always_inline void inherit_listener(struct bpf_sock_ops *skops, __u64 cookie, __u64 netns)
+{
+    struct port_key pk = {.netns = netns, .port = skops->local_port, .proto = PROTO_TCP};
+    __u64 *listener = ports.lookup(&pk);
+    if (!listener)
+        return;
+    struct sock_info *linfo = socks.lookup(listener);
+    if (!linfo)
+        return;
+    struct sock_info info = *linfo;
+    info.origin = 4;
+    remember_socket(cookie, &info);
+}
+
+static __always_inline void tcp_closed(struct bpf_sock_ops *skops, __u64 cookie, __u64 netns)
+{
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count(CTR_EVENTS_LOST);
+        return;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->kind = EV_TCP_CLOSE;
+    e->old_state = skops->args[0];
+    e->cookie = cookie;
+    e->netns = netns;
+    e->family = skops->family;
+    e->proto = PROTO_TCP;
+    e->lport = skops->local_port;
+    e->rport = bpf_ntohl(skops->remote_port);
+    if (skops->family == AF_INET_) {
+        __u32 l = skops->local_ip4, r = skops->remote_ip4;
+        __builtin_memcpy(e->laddr, &l, 4);
+        __builtin_memcpy(e->raddr, &r, 4);
+    } else {
+        __u32 l[4], r[4];
+        l[0] = skops->local_ip6[0]; l[1] = skops->local_ip6[1];
+        l[2] = skops->local_ip6[2]; l[3] = skops->local_ip6[3];
+        r[0] = skops->remote_ip6[0]; r[1] = skops->remote_ip6[1];
+        r[2] = skops->remote_ip6[2]; r[3] = skops->remote_ip6[3];
+        __builtin_memcpy(e->laddr, l, 16);
+        __builtin_memcpy(e->raddr, r, 16);
+    }
+    struct sock_info *info = socks.lookup(&cookie);
+    if (info)
+        e->info = *info;
+    events.ringbuf_submit(e, 0);
+    socks.delete(&cookie);
+}
+
+int sock_ops(struct bpf_sock_ops *skops)
+{
+    __u32 op = skops->op;
+    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB || op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+    } else if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+        __u64 cookie = fb_socket_cookie(skops);
+        if (!socks.lookup(&cookie))
+            inherit_listener(skops, cookie, bpf_get_netns_cookie(skops));
+    } else if (op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == TCP_STATE_CLOSE) {
+        tcp_closed(skops, fb_socket_cookie(skops), bpf_get_netns_cookie(skops));
+    }
+    return 1;
+}
+
+// Sockets that existed before the agent get no SOCK_OPS callbacks; the agent registers their
+// cookies (from sock_diag) in `watched` and learns their end here.
+TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
+{
+    __u64 cookie = args->sock_cookie;
+    __u64 *netns = watched.lookup(&cookie);
+    if (!netns)
+        return 0;
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (e) {
+        __builtin_memset(e, 0, sizeof(*e));
+        e->kind = EV_TCP_DESTROY;
+        e->cookie = cookie;
+        e->netns = *netns;
+        e->family = args->family;
+        e->proto = PROTO_TCP;
+        e->lport = args->sport;
+        e->rport = args->dport;
+        events.ringbuf_submit(e, 0);
+    } else {
+        count(CTR_EVENTS_LOST);
+    }
+    watched.delete(&cookie);
+    return 0;
+}

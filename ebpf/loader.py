@@ -1,0 +1,172 @@
+"""Compiling flows.bpf.c with bcc, loading its programs and attaching the socket-level hooks.
+
+Counting programs (TCX) are attached per interface by ebpf.interfaces; this module attaches
+the rest to one cgroup v2 directory (the root by default): sock_create, connect4/6,
+post_bind4/6, sock_release, sock_ops, and the tcp_destroy_sock tracepoint. Cgroup programs are
+attached as BPF links (file descriptors of this process), so nothing stays attached after the
+agent exits, even if it is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ebpf import bpfsys
+from ebpf.errors import EbpfUnavailable
+from ebpf.headers import KernelHeaders, find_headers
+from ebpf.interfaces import Programs
+
+SOURCE = Path(__file__).with_name("flows.bpf.c")
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+# (function, bcc program type name, expected attach type, cgroup attach type)
+CGROUP_PROGRAMS = (
+    ("sock_create", "CGROUP_SOCK", bpfsys.CGROUP_INET_SOCK_CREATE),
+    ("sock_release", "CGROUP_SOCK", bpfsys.CGROUP_INET_SOCK_RELEASE),
+    ("post_bind4", "CGROUP_SOCK", bpfsys.CGROUP_INET4_POST_BIND),
+    ("post_bind6", "CGROUP_SOCK", bpfsys.CGROUP_INET6_POST_BIND),
+    ("connect4", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET4_CONNECT),
+    ("connect6", "CGROUP_SOCK_ADDR", bpfsys.CGROUP_INET6_CONNECT),
+    ("sock_ops", "SOCK_OPS", bpfsys.CGROUP_SOCK_OPS),
+)
+TC_PROGRAMS = ("tc_ingress", "tc_egress", "tc_loopback", "tc_ingress_l3", "tc_egress_l3")
+
+
+def cgroup2_mount() -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup or /sys/fs/cgroup/unified)."""
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == "cgroup2":
+                    return Path(fields[1])
+    except OSError:
+        return None
+    return None
+
+
+def tracefs_mount() -> Path | None:
+    """A mounted tracefs (bcc needs it for tracepoints); mounts it when missing and allowed."""
+    for directory in TRACEFS_DIRS:
+        if os.path.isdir(os.path.join(directory, "events")):
+            return Path(directory)
+    if os.geteuid() == 0 and os.path.isdir(TRACEFS_DIRS[0]):
+        if os.system(f"mount -t tracefs nodev {TRACEFS_DIRS[0]} 2>/dev/null") == 0:
+            return Path(TRACEFS_DIRS[0])
+    return None
+
+
+def resolve_cgroup(cgroup: str | None) -> Path:
+    root = cgroup2_mount()
+    if root is None:
+        raise EbpfUnavailable(
+            "no cgroup v2 hierarchy mounted; mount one: mount -t cgroup2 none /sys/fs/cgroup/unified"
+        )
+    if cgroup is None:
+        return root
+    path = Path(cgroup)
+    if not path.is_absolute():
+        path = root / cgroup
+    if not path.is_dir():
+        raise EbpfUnavailable(f"cgroup {cgroup}: no such directory under {root}")
+    if root not in (path, *path.parents):
+        raise EbpfUnavailable(f"cgroup {cgroup}: not inside the cgroup v2 hierarchy at {root}")
+    return path
+
+
+@dataclass
+class LoadedPrograms:
+    """The compiled module and everything attached outside interfaces."""
+
+    bpf: object  # bcc.BPF
+    headers: KernelHeaders
+    cgroup: Path
+    tc: Programs
+    link_fds: list[int] = field(default_factory=list)
+    cgroup_fd: int = -1
+
+    def table_fd(self, name: str) -> int:
+        return self.bpf[name].get_fd()  # type: ignore[index]
+
+    def close(self) -> None:
+        for fd in self.link_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.link_fds.clear()
+        if self.cgroup_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.cgroup_fd)
+            self.cgroup_fd = -1
+        with contextlib.suppress(Exception):
+            self.bpf.cleanup()  # type: ignore[attr-defined]
+
+
+def import_bcc():
+    try:
+        import bcc
+    except ImportError as exc:
+        raise EbpfUnavailable(
+            f"bcc is not importable ({exc}); apt-get install python3-bpfcc and use a virtualenv "
+            "made with --system-site-packages"
+        ) from exc
+    return bcc
+
+
+def compile_module(max_flows: int, max_socks: int, ringbuf_pages: int = 256):
+    """Compile flows.bpf.c; returns (bcc.BPF, KernelHeaders)."""
+    if os.geteuid() != 0:
+        raise EbpfUnavailable("loading BPF programs needs root (or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON)")
+    bcc = import_bcc()
+    headers = find_headers()
+    headers.apply()
+    if tracefs_mount() is None:
+        raise EbpfUnavailable("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
+    cflags = [
+        f"-DMAX_FLOWS={max_flows}",
+        f"-DMAX_SOCKS={max_socks}",
+        f"-DRINGBUF_PAGES={ringbuf_pages}",
+        *headers.cflags,
+    ]
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            module = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+    except Exception as exc:
+        raise EbpfUnavailable(
+            f"bcc could not compile {SOURCE.name} with headers {headers.describe()}: {exc}"
+        ) from exc
+    return module, headers
+
+
+def load(cgroup: str | None, max_flows: int, max_socks: int) -> LoadedPrograms:
+    """Compile, load every program, attach the cgroup hooks and the tracepoint."""
+    target = resolve_cgroup(cgroup)
+    module, headers = compile_module(max_flows, max_socks)
+    bcc = import_bcc()
+    BPF = bcc.BPF
+    loaded: LoadedPrograms | None = None
+    try:
+        tc_fds = [module.load_func(name, BPF.SCHED_CLS).fd for name in TC_PROGRAMS]
+        loaded = LoadedPrograms(module, headers, target, Programs(*tc_fds))
+        loaded.cgroup_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        for func, prog_type, attach_type in CGROUP_PROGRAMS:
+            fn = module.load_func(func, getattr(BPF, prog_type), attach_type=attach_type)
+            try:
+                link = bpfsys.link_create(fn.fd, loaded.cgroup_fd, attach_type)
+            except OSError as exc:
+                raise EbpfUnavailable(f"attaching {func} to cgroup {target} failed: {exc}") from exc
+            loaded.link_fds.append(link)
+        # bcc attached tracepoint__tcp__tcp_destroy_sock itself when it compiled the module.
+    except EbpfUnavailable:
+        if loaded:
+            loaded.close()
+        raise
+    except Exception as exc:
+        if loaded:
+            loaded.close()
+        raise EbpfUnavailable(f"loading the flow programs failed: {exc}") from exc
+    return loaded

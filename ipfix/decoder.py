@@ -1,0 +1,253 @@
+"""Decoder for IPFIX, NetFlow v9 and NetFlow v5 datagrams, with a template cache per
+(exporter address, observation domain / source id, protocol). Malformed input raises DecodeError
+and nothing else; every loop advances by at least four bytes, so no length can make it spin."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ipfix.elements import BY_IPFIX, BY_NAME, BY_V9, VARIABLE_LENGTH, unknown_ipfix, unknown_v9
+from ipfix.errors import DecodeError
+from ipfix.record_parser import RecordParser, WireField
+from ipfix.template import V9_RELATIVE_TIMES, V9_SCOPE_TYPES
+from ipfix.v5_encoder import v5_template
+
+_IPFIX_HEADER = struct.Struct(">HHIII")
+_V9_HEADER = struct.Struct(">HHIIII")
+_V5_HEADER = struct.Struct(">HHIIIIBBH")
+_SET_HEADER = struct.Struct(">HH")
+_V9_RELATIVE = {BY_NAME[v].id: k for k, v in V9_RELATIVE_TIMES.items()}  # 22/21 -> epoch keys
+_V5_PARSER = RecordParser(
+    tuple(WireField(f.element, f.length, f.key) for f in v5_template().fields), strip_nul=False
+)
+
+
+@dataclass
+class DecodedMessage:
+    protocol: str  # "ipfix", "v9" or "v5"
+    exporter: tuple[str, int]
+    export_time: int  # Unix seconds
+    sequence: int
+    domain_id: int  # IPFIX observation domain, v9 source id, v5 engine_type << 8 | engine_id
+    length: int  # datagram length
+    count: int | None = None  # v9 and v5 header count
+    sys_uptime_ms: int | None = None
+    records: list[dict] = field(default_factory=list)  # flow (data) records
+    options_records: list[dict] = field(default_factory=list)
+    templates: list[int] = field(default_factory=list)  # template ids (re)defined here
+    options_templates: list[int] = field(default_factory=list)
+    sets: list[tuple[int, int]] = field(default_factory=list)  # (set id, set length) in order
+    unknown_template_sets: int = 0  # data sets whose template is not (yet) known
+
+
+@dataclass(frozen=True)
+class _CachedTemplate:
+    parser: RecordParser
+    scope_count: int
+
+
+class Decoder:
+    def __init__(self) -> None:
+        self.templates: dict[tuple[str, int, str], dict[int, _CachedTemplate]] = {}
+
+    def feed(self, datagram: bytes, exporter: tuple[str, int]) -> list[DecodedMessage]:
+        """The message(s) in one datagram. Raises DecodeError only."""
+        data = bytes(datagram)
+        if len(data) < 2:
+            raise DecodeError(f"datagram of {len(data)} bytes: too short for a version")
+        version = int.from_bytes(data[:2], "big")
+        try:
+            if version == 10:
+                return [self._ipfix(data, exporter)]
+            if version == 9:
+                return [self._v9(data, exporter)]
+            if version == 5:
+                return [self._v5(data, exporter)]
+        except DecodeError:
+            raise
+        except (struct.error, IndexError, ValueError, KeyError, TypeError, OverflowError) as exc:
+            raise DecodeError(f"malformed version {version} datagram: {exc}") from None
+        raise DecodeError(f"unsupported version {version}")
+
+    def records(self, datagram: bytes, exporter: tuple[str, int]) -> list[dict]:
+        return [r for m in self.feed(datagram, exporter) for r in m.records]
+
+    # IPFIX ---------------------------------------------------------------------------------
+    def _ipfix(self, data: bytes, exporter: tuple[str, int]) -> DecodedMessage:
+        if len(data) < _IPFIX_HEADER.size:
+            raise DecodeError(f"IPFIX message of {len(data)} bytes: shorter than its header")
+        _, length, export_time, sequence, domain = _IPFIX_HEADER.unpack_from(data)
+        if length != len(data):
+            raise DecodeError(f"IPFIX length field {length} but datagram has {len(data)} bytes")
+        message = DecodedMessage("ipfix", exporter, export_time, sequence, domain, length)
+        cache = self.templates.setdefault((exporter[0], domain, "ipfix"), {})
+        for set_id, body in _sets(data, _IPFIX_HEADER.size, "IPFIX"):
+            message.sets.append((set_id, len(body) + 4))
+            if set_id in (2, 3):
+                self._ipfix_templates(body, set_id == 3, cache, message)
+            elif set_id >= 256:
+                _data_set(cache.get(set_id), body, message)
+            else:
+                raise DecodeError(f"IPFIX set id {set_id} is reserved")
+        return message
+
+    def _ipfix_templates(
+        self, body: bytes, options: bool, cache: dict, message: DecodedMessage
+    ) -> None:
+        offset, end = 0, len(body)
+        head = 6 if options else 4
+        while end - offset >= head:
+            template_id, count = struct.unpack_from(">HH", body, offset)
+            if count == 0 and template_id >= 256:  # withdrawal
+                cache.pop(template_id, None)
+                offset += 4
+                continue
+            if count == 0 and template_id == 0:  # padding (tolerated although never emitted)
+                break
+            scope = struct.unpack_from(">H", body, offset + 4)[0] if options else 0
+            if template_id < 256:
+                raise DecodeError(f"IPFIX template id {template_id} below 256")
+            if options and not 0 < scope <= count:
+                raise DecodeError(f"options template {template_id}: scope count {scope} invalid")
+            offset += head
+            fields = []
+            for _ in range(count):
+                if offset + 4 > end:
+                    raise DecodeError(f"template {template_id} truncated")
+                raw_id, length = struct.unpack_from(">HH", body, offset)
+                offset += 4
+                pen = 0
+                if raw_id & 0x8000:
+                    if offset + 4 > end:
+                        raise DecodeError(f"template {template_id} truncated")
+                    pen = struct.unpack_from(">I", body, offset)[0]
+                    offset += 4
+                ie_id = raw_id & 0x7FFF
+                element = BY_IPFIX.get((pen, ie_id)) or unknown_ipfix(pen, ie_id)
+                fields.append(WireField(element, length, element.name))
+            cache[template_id] = _CachedTemplate(RecordParser(tuple(fields), False), scope)
+            (message.options_templates if options else message.templates).append(template_id)
+
+    # NetFlow v9 ----------------------------------------------------------------------------
+    def _v9(self, data: bytes, exporter: tuple[str, int]) -> DecodedMessage:
+        if len(data) < _V9_HEADER.size:
+            raise DecodeError(f"v9 packet of {len(data)} bytes: shorter than its header")
+        _, count, uptime, unix_secs, sequence, source_id = _V9_HEADER.unpack_from(data)
+        message = DecodedMessage("v9", exporter, unix_secs, sequence, source_id, len(data))
+        message.count, message.sys_uptime_ms = count, uptime
+        boot_ms = unix_secs * 1000 - uptime
+        cache = self.templates.setdefault((exporter[0], source_id, "v9"), {})
+        for set_id, body in _sets(data, _V9_HEADER.size, "v9"):
+            message.sets.append((set_id, len(body) + 4))
+            if set_id == 0:
+                self._v9_templates(body, cache, message)
+            elif set_id == 1:
+                self._v9_options_templates(body, cache, message)
+            elif set_id >= 256:
+                _data_set(cache.get(set_id), body, message)
+            else:
+                raise DecodeError(f"v9 FlowSet id {set_id} is reserved")
+        for record in message.records:
+            for key in ("flowStartMilliseconds", "flowEndMilliseconds"):
+                relative = record.get(_relative_key(key))
+                if relative is not None:
+                    record[key] = boot_ms + record.pop(_relative_key(key))
+        return message
+
+    def _v9_templates(self, body: bytes, cache: dict, message: DecodedMessage) -> None:
+        offset, end = 0, len(body)
+        while end - offset >= 4:
+            template_id, count = struct.unpack_from(">HH", body, offset)
+            offset += 4
+            if template_id == 0 and count == 0:
+                break  # padding
+            if template_id < 256:
+                raise DecodeError(f"v9 template id {template_id} below 256")
+            if offset + 4 * count > end:
+                raise DecodeError(f"v9 template {template_id} truncated")
+            fields = [
+                _v9_field(*struct.unpack_from(">HH", body, offset + 4 * i)) for i in range(count)
+            ]
+            offset += 4 * count
+            if fields:
+                cache[template_id] = _CachedTemplate(RecordParser(tuple(fields), True), 0)
+                message.templates.append(template_id)
+
+    def _v9_options_templates(self, body: bytes, cache: dict, message: DecodedMessage) -> None:
+        offset, end = 0, len(body)
+        while end - offset >= 6:
+            template_id, scope_length, option_length = struct.unpack_from(">HHH", body, offset)
+            offset += 6
+            if template_id == 0:
+                break  # padding
+            if template_id < 256 or scope_length % 4 or option_length % 4:
+                raise DecodeError(f"v9 options template {template_id} malformed")
+            if offset + scope_length + option_length > end:
+                raise DecodeError(f"v9 options template {template_id} truncated")
+            fields = []
+            for i in range(scope_length // 4):
+                scope_type, length = struct.unpack_from(">HH", body, offset + 4 * i)
+                name = V9_SCOPE_TYPES.get(scope_type, f"scope{scope_type}")
+                fields.append(WireField(unknown_v9(scope_type), length, name))
+            offset += scope_length
+            for i in range(option_length // 4):
+                fields.append(_v9_field(*struct.unpack_from(">HH", body, offset + 4 * i)))
+            offset += option_length
+            if fields:
+                parser = RecordParser(tuple(fields), True)
+                cache[template_id] = _CachedTemplate(parser, max(1, scope_length // 4))
+                message.options_templates.append(template_id)
+
+    # NetFlow v5 ----------------------------------------------------------------------------
+    def _v5(self, data: bytes, exporter: tuple[str, int]) -> DecodedMessage:
+        if len(data) < _V5_HEADER.size:
+            raise DecodeError(f"v5 packet of {len(data)} bytes: shorter than its header")
+        _, count, uptime, secs, nsecs, sequence, engine_type, engine_id, _ = _V5_HEADER.unpack_from(
+            data
+        )
+        if not 1 <= count <= 30:
+            raise DecodeError(f"v5 count {count}: must be 1..30")
+        if len(data) != _V5_HEADER.size + 48 * count:
+            raise DecodeError(f"v5 count {count} but {len(data)} bytes")
+        message = DecodedMessage(
+            "v5", exporter, secs, sequence, engine_type << 8 | engine_id, len(data), count, uptime
+        )
+        boot_ms = secs * 1000 + nsecs // 1_000_000 - uptime
+        for record in _V5_PARSER.parse(data[_V5_HEADER.size :]):
+            del record["_pad1"], record["_pad2"]
+            record["flowStartMilliseconds"] += boot_ms
+            record["flowEndMilliseconds"] += boot_ms
+            message.records.append(record)
+        return message
+
+
+def _relative_key(key: str) -> str:
+    return V9_RELATIVE_TIMES[key]
+
+
+def _v9_field(type_id: int, length: int) -> WireField:
+    if length == VARIABLE_LENGTH:
+        raise DecodeError(f"v9 field {type_id} with length 65535: v9 has no variable length")
+    element = BY_V9.get(type_id) or unknown_v9(type_id)
+    return WireField(element, length, element.name)
+
+
+def _sets(data: bytes, offset: int, what: str):
+    end = len(data)
+    while offset < end:
+        if end - offset < 4:
+            raise DecodeError(f"{what}: {end - offset} stray bytes after the last set")
+        set_id, length = _SET_HEADER.unpack_from(data, offset)
+        if length < 4 or offset + length > end:
+            raise DecodeError(f"{what} set {set_id}: length {length} does not fit the message")
+        yield set_id, data[offset + 4 : offset + length]
+        offset += length
+
+
+def _data_set(template: _CachedTemplate | None, body: bytes, message: DecodedMessage) -> None:
+    if template is None:
+        message.unknown_template_sets += 1
+        return
+    records = template.parser.parse(body)
+    (message.options_records if template.scope_count else message.records).extend(records)

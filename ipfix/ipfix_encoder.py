@@ -1,0 +1,126 @@
+"""IPFIX (RFC 7011) messages: header, template sets, data sets, options."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+
+from ipfix.assembler import make_set
+from ipfix.options import (
+    INTERFACE_FIELDS,
+    SAMPLING_FIELDS,
+    SAMPLING_VALUES,
+    STATS_FIELDS,
+    STATS_SCOPE,
+)
+from ipfix.packer import RecordPacker
+from ipfix.profile import Profile
+from ipfix.template import Template, flow_templates, options_template
+
+VERSION = 10
+HEADER = struct.Struct(">HHIII")
+TEMPLATE_SET_ID = 2
+OPTIONS_TEMPLATE_SET_ID = 3
+SEQUENCE_MODULO = 1 << 32
+
+
+class IpfixEncoder:
+    protocol = "ipfix"
+    header_length = HEADER.size
+    align = 1  # no padding in data sets
+
+    def __init__(self, profile: Profile, observation_domain_id: int, max_message_size: int) -> None:
+        self.domain_id = observation_domain_id
+        self.max_message_size = max_message_size
+        taken: set[int] = set()
+        self.templates: dict[int, Template] = flow_templates(profile, "ipfix", taken)
+        self.packers = {family: RecordPacker(t) for family, t in self.templates.items()}
+        self.sequence = 0  # data records sent before the next message, flow domain
+        self.stats_sequence = 0  # the same for observation domain 0
+        self._stats = RecordPacker(
+            options_template([STATS_SCOPE, *STATS_FIELDS], 1, "ipfix", taken, {})
+        )
+        self._interfaces = RecordPacker(
+            options_template(list(INTERFACE_FIELDS), 1, "ipfix", taken, {})
+        )
+        self._sampling = RecordPacker(
+            options_template(list(SAMPLING_FIELDS), 1, "ipfix", taken, {})
+        )
+
+    def header(self, body_length: int, export_time: int, sequence: int, domain_id: int) -> bytes:
+        return HEADER.pack(VERSION, HEADER.size + body_length, export_time, sequence, domain_id)
+
+    def wrap(self, body: bytes, records: int, now_ms: int) -> bytes:
+        message = self.header(len(body), now_ms // 1000, self.sequence, self.domain_id) + body
+        self.sequence = (self.sequence + records) % SEQUENCE_MODULO
+        return message
+
+    def template_messages(self, now_ms: int) -> list[bytes]:
+        """All data templates, in as few template-only messages as the size limit allows."""
+        room = self.max_message_size - HEADER.size - 4
+        messages, group, size = [], [], 0
+        for template in self.templates.values():
+            record = template.ipfix_record()
+            if group and size + len(record) > room:
+                messages.append(self._template_message(group, now_ms))
+                group, size = [], 0
+            group.append(record)
+            size += len(record)
+        if group:
+            messages.append(self._template_message(group, now_ms))
+        return messages
+
+    def _template_message(self, records: list[bytes], now_ms: int) -> bytes:
+        body = make_set(TEMPLATE_SET_ID, b"".join(records), 1)
+        return self.header(len(body), now_ms // 1000, self.sequence, self.domain_id) + body
+
+    def options_messages(
+        self, stats: dict[str, int], now_ms: int, interfaces: dict[int, str] | None, sampling: bool
+    ) -> list[bytes]:
+        record = {STATS_SCOPE: 0, **stats}
+        record.setdefault(STATS_SCOPE, 0)
+        body = self._options_body(self._stats, [record])
+        messages = [self.header(len(body), now_ms // 1000, self.stats_sequence, 0) + body]
+        self.stats_sequence = (self.stats_sequence + 1) % SEQUENCE_MODULO
+        # Interface names and sampling describe the flow domain, so they go in its ODID.
+        if sampling:
+            messages += self._domain_options(self._sampling, [dict(SAMPLING_VALUES)], now_ms)
+        if interfaces:
+            rows = [
+                {"ingressInterface": i, "interfaceName": n} for i, n in sorted(interfaces.items())
+            ]
+            messages += self._domain_options(self._interfaces, rows, now_ms)
+        return messages
+
+    def _options_body(self, packer: RecordPacker, rows: list[dict]) -> bytes:
+        template = packer.template
+        return make_set(OPTIONS_TEMPLATE_SET_ID, template.ipfix_record(), 1) + make_set(
+            template.template_id, b"".join(map(packer.pack_one, rows)), 1
+        )
+
+    def _domain_options(self, packer: RecordPacker, rows: list[dict], now_ms: int) -> list[bytes]:
+        messages = []
+        for chunk in _fit(packer, rows, self.max_message_size - HEADER.size):
+            body = self._options_body(packer, chunk)
+            messages.append(self.wrap(body, len(chunk), now_ms))
+        return messages
+
+
+def _fit(packer: RecordPacker, rows: list[dict], max_body: int) -> Iterator[list[dict]]:
+    """Rows grouped so that template set + data set stay within max_body."""
+    room = max_body - 8 - len(packer.template.ipfix_record())
+    chunk: list[dict] = []
+    size = 0
+    for row, length in _sizes(packer, rows):
+        if chunk and size + length > room:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += length
+    if chunk:
+        yield chunk
+
+
+def _sizes(packer: RecordPacker, rows: Iterable[dict]) -> Iterator[tuple[dict, int]]:
+    for row in rows:
+        yield row, len(packer.pack_one(row))

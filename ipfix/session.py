@@ -1,0 +1,207 @@
+"""One export session per collector: templates, sequence numbers, refresh, the v9/v5 time base."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from itertools import repeat
+from operator import contains
+
+from ipfix.assembler import data_bodies
+from ipfix.errors import IpfixError
+from ipfix.ipfix_encoder import IpfixEncoder
+from ipfix.options import STATS_FIELDS, STATS_SCOPE, check_stats
+from ipfix.packer import RecordPacker
+from ipfix.profile import Profile
+from ipfix.v5_encoder import V5Encoder
+from ipfix.v9_encoder import V9Encoder
+
+IPV6_KEY = "sourceIPv6Address"
+
+
+def _has_ipv6(records: Sequence[dict]) -> bool:
+    return any(map(contains, records, repeat(IPV6_KEY)))
+
+
+class ExportSession:
+    """Encodes records for one collector. Not thread-safe: one session per sending thread."""
+
+    def __init__(
+        self,
+        protocol: str,
+        profile: Profile,
+        observation_domain_id: int,
+        *,
+        max_message_size: int = 1400,
+        template_refresh_seconds: float = 30,
+        template_refresh_packets: int = 20,
+        clock: Callable[[], float] = time.time,
+        exporting_process_id: int | None = None,
+    ) -> None:
+        if protocol not in ("ipfix", "v9", "v5"):
+            raise IpfixError(f"protocol '{protocol}': expected ipfix, v9 or v5")
+        if protocol not in profile.protocols:
+            raise IpfixError(
+                f"profile '{profile.name}' is for {', '.join(profile.protocols)}, not {protocol}"
+            )
+        if not 0 < observation_domain_id < 1 << 32:
+            raise IpfixError(
+                f"observation domain id {observation_domain_id}: must be 1..4294967295 "
+                "(0 is reserved for exporter statistics)"
+            )
+        if protocol != "v5" and not 256 <= max_message_size <= 65535:
+            raise IpfixError(f"max message size {max_message_size}: must be 256..65535")
+        if template_refresh_seconds <= 0 or template_refresh_packets <= 0:
+            raise IpfixError("template refresh interval and packet count must be positive")
+        self.protocol = protocol
+        self.profile = profile
+        self.observation_domain_id = observation_domain_id
+        self.max_message_size = max_message_size
+        self.template_refresh_seconds = template_refresh_seconds
+        self.template_refresh_packets = template_refresh_packets
+        self.clock = clock
+        self.exporting_process_id = (
+            os.getpid() if exporting_process_id is None else exporting_process_id
+        )
+        self.refused_records = 0
+        self.messages_sent = 0
+        self.records_sent = 0
+        self.octets_sent = 0
+        self.start_ms = int(clock() * 1000)
+        self._last_templates: float | None = None
+        self._messages_since_templates = 0
+        self._encoder: IpfixEncoder | V9Encoder | V5Encoder
+        if protocol == "ipfix":
+            self._encoder = IpfixEncoder(profile, observation_domain_id, max_message_size)
+        elif protocol == "v9":
+            self._encoder = V9Encoder(profile, observation_domain_id, max_message_size)
+        else:
+            # v5's only stream identity: engine_type/engine_id, taken from the domain id.
+            self._encoder = V5Encoder(
+                (observation_domain_id >> 8) & 0xFF, observation_domain_id & 0xFF
+            )
+
+    @property
+    def templates(self) -> dict:
+        """The data templates by address family (4, 6); empty for v5."""
+        return {} if isinstance(self._encoder, V5Encoder) else dict(self._encoder.templates)
+
+    def encode(self, records: Sequence[dict]) -> list[bytes]:
+        """Complete messages, each within max_message_size (v5: 30 records), templates first
+        whenever they are due."""
+        now = self.clock()
+        now_ms = int(now * 1000)
+        encoder = self._encoder
+        if isinstance(encoder, V5Encoder):
+            if _has_ipv6(records):
+                kept = [r for r in records if IPV6_KEY not in r]
+                self.refused_records += len(records) - len(kept)
+                records = kept
+            messages, refused = encoder.packets(records, now_ms)
+            self.refused_records += refused
+            return self._count(messages, len(records) - refused)
+        header_ms = now_ms
+        if isinstance(encoder, V9Encoder):
+            header_ms, records, refused, moved = encoder.uptime.stamp(now_ms, records)
+            assert encoder.uptime.boot_ms is not None
+            encoder.set_boot(encoder.uptime.boot_ms)
+            self.refused_records += refused
+            if moved:
+                self._last_templates = None  # a new time base: resend templates at once
+        messages: list[bytes] = []
+        sent = 0
+        max_body = self.max_message_size - encoder.header_length
+        for body, count in data_bodies(
+            self._runs(records, encoder.packers), max_body, encoder.align
+        ):
+            if self._templates_due(now):
+                messages += self._templates(header_ms, now)
+            messages.append(encoder.wrap(body, count, header_ms))
+            self._messages_since_templates += 1
+            sent += count
+        return self._count(messages, sent)
+
+    def template_messages(self) -> list[bytes]:
+        """Every template now (a TCP reconnect, a forced refresh)."""
+        if isinstance(self._encoder, V5Encoder):
+            return []
+        now = self.clock()
+        return self._count(self._templates(self._header_ms(now), now), 0)
+
+    def options_messages(
+        self,
+        stats: dict[str, int],
+        *,
+        interfaces: dict[int, str] | None = None,
+        sampling: bool = False,
+    ) -> list[bytes]:
+        """Options data: the exporting process's reliability statistics (notSent* counts from
+        `stats`, its own exported* totals, its start time) - in observation domain 0 for IPFIX;
+        optionally interface names (ifindex -> name) and the unsampled sampling parameters, which
+        describe the flow domain and go in its domain. Nothing for v5, which has no options."""
+        check_stats({k: v for k, v in stats.items() if k != STATS_SCOPE})
+        encoder = self._encoder
+        if isinstance(encoder, V5Encoder):
+            return []
+        record = {
+            "exportedMessageTotalCount": self.messages_sent,
+            "exportedFlowRecordTotalCount": self.records_sent,
+            "exportedOctetTotalCount": self.octets_sent,
+            "systemInitTimeMilliseconds": self.start_ms,
+            **stats,
+        }
+        now = self.clock()
+        if isinstance(encoder, IpfixEncoder):
+            record.setdefault(STATS_SCOPE, self.exporting_process_id)
+        else:
+            record.pop(STATS_SCOPE, None)
+            record = {k: v for k, v in record.items() if k in STATS_FIELDS}
+        messages = encoder.options_messages(record, self._header_ms(now), interfaces, sampling)
+        return self._count(messages, 0)
+
+    def _header_ms(self, now: float) -> int:
+        now_ms = int(now * 1000)
+        if isinstance(self._encoder, V9Encoder):
+            # Header times never go back: the last data packet may have rounded up.
+            header_ms = -(-now_ms // 1000) * 1000
+            return header_ms
+        return now_ms
+
+    def _templates_due(self, now: float) -> bool:
+        return (
+            self._last_templates is None
+            or now - self._last_templates >= self.template_refresh_seconds
+            or self._messages_since_templates >= self.template_refresh_packets
+        )
+
+    def _templates(self, header_ms: int, now: float) -> list[bytes]:
+        assert not isinstance(self._encoder, V5Encoder)
+        self._last_templates = now
+        self._messages_since_templates = 0
+        return self._encoder.template_messages(header_ms)
+
+    def _count(self, messages: list[bytes], records: int) -> list[bytes]:
+        self.messages_sent += len(messages)
+        self.records_sent += records
+        self.octets_sent += sum(map(len, messages))
+        return messages
+
+    @staticmethod
+    def _runs(
+        records: Sequence[dict], packers: dict[int, RecordPacker]
+    ) -> Iterator[tuple[RecordPacker, Sequence[dict]]]:
+        """Consecutive records of one address family, in input order."""
+        v4, v6 = packers[4], packers[6]
+        if not _has_ipv6(records):
+            if records:
+                yield v4, records
+            return
+        start = 0
+        current = IPV6_KEY in records[0]
+        for i, record in enumerate(records):
+            is_v6 = IPV6_KEY in record
+            if is_v6 != current:
+                yield (v6 if current else v4), records[start:i]
+                start, current = i, is_v6
+        yield (v6 if current else v4), records[start:]
