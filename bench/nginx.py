@@ -8,13 +8,13 @@ flows.
 from __future__ import annotations
 
 import re
-from collections import Counter
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +58,8 @@ def free_port() -> int:
 
 
 class Nginx:
-    """nginx on 127.0.0.1:<free port>; a context manager. `logged_connections()` reads the access log."""
+    """nginx on 127.0.0.1:<free port>, a context manager; `logged_connections()` reads its
+    access log."""
 
     def __init__(self, workers: int = 1):
         if shutil.which("nginx") is None:

@@ -73,6 +73,9 @@ class Agent:
         if not collectors:
             if self.loopback is None:
                 self.loopback = LoopbackCollector(self._printer)
+                exclude_own = getattr(self.source, "exclude_socket", None)
+                if exclude_own is not None:  # or each export would be a new flow to export
+                    exclude_own(self.loopback.socket)
                 log.info(
                     "no collector configured: printing flows from the built-in collector on "
                     "127.0.0.1:%d",

@@ -130,37 +130,34 @@ class RecordBuilder:
     def _base(self, export: Export) -> dict:
         flow, octets, packets, start_ms, end_ms, reason = export[:6]
         key = flow.key
-        direction = key.direction
-        if key.ip_version == 4:
-            record = {
-                "sourceIPv4Address": key.src_addr,
-                "destinationIPv4Address": key.dst_addr,
-                "ipVersion": 4,
-            }
+        protocol = key.protocol
+        ifindex = flow.ifindex
+        egress = key.direction == EGRESS
+        # One dict literal per record: the cheapest way to build it in CPython.
+        record = {
+            "sourceTransportPort": key.src_port,
+            "destinationTransportPort": key.dst_port,
+            "protocolIdentifier": protocol,
+            "tcpControlBits": flow.tcp_flags & 0xFF if protocol == TCP else 0,
+            "octetDeltaCount": octets,
+            "packetDeltaCount": packets,
+            "flowStartMilliseconds": start_ms,
+            "flowEndMilliseconds": end_ms,
+            "flowDirection": 1 if egress else 0,
+            "ingressInterface": 0 if egress else ifindex,
+            "egressInterface": ifindex if egress else 0,
+            "flowEndReason": reason,
+        }
+        if len(key.src_addr) == 4:
+            record["sourceIPv4Address"] = key.src_addr
+            record["destinationIPv4Address"] = key.dst_addr
+            record["ipVersion"] = 4
         else:
-            record = {
-                "sourceIPv6Address": key.src_addr,
-                "destinationIPv6Address": key.dst_addr,
-                "ipVersion": 6,
-            }
-        record["sourceTransportPort"] = key.src_port
-        record["destinationTransportPort"] = key.dst_port
-        record["protocolIdentifier"] = key.protocol
-        record["tcpControlBits"] = flow.tcp_flags & 0xFF if key.protocol == TCP else 0
-        record["octetDeltaCount"] = octets
-        record["packetDeltaCount"] = packets
-        record["flowStartMilliseconds"] = start_ms
-        record["flowEndMilliseconds"] = end_ms
-        record["flowDirection"] = int(direction)
-        if direction == INGRESS:
-            record["ingressInterface"] = flow.ifindex
-            record["egressInterface"] = 0
-        else:
-            record["ingressInterface"] = 0
-            record["egressInterface"] = flow.ifindex
-        record["flowEndReason"] = int(reason)
-        if self._icmp and key.protocol in (1, 58):
-            record["icmpTypeCodeIPv4" if key.protocol == 1 else "icmpTypeCodeIPv6"] = key.dst_port
+            record["sourceIPv6Address"] = key.src_addr
+            record["destinationIPv6Address"] = key.dst_addr
+            record["ipVersion"] = 6
+        if self._icmp and (protocol == 1 or protocol == 58):
+            record["icmpTypeCodeIPv4" if protocol == 1 else "icmpTypeCodeIPv6"] = key.dst_port
         return record
 
     def _vendor(self, record: dict, export: Export, flow: Flow) -> None:
@@ -216,7 +213,8 @@ class RecordBuilder:
         peer_flow = peer[0]
         record["reverseOctetDeltaCount"] = peer[1]
         record["reversePacketDeltaCount"] = peer[2]
-        record["reverseTcpControlBits"] = peer_flow.tcp_flags & 0xFF if flow.key.protocol == TCP else 0
+        is_tcp = flow.key.protocol == TCP
+        record["reverseTcpControlBits"] = peer_flow.tcp_flags & 0xFF if is_tcp else 0
         record["reverseFlowStartMilliseconds"] = peer[3]
         record["reverseFlowEndMilliseconds"] = peer[4]
         record["biflowDirection"] = 1 if flow.key.protocol == TCP else 0
@@ -233,5 +231,6 @@ class RecordBuilder:
             # One socket owns both directions: the local end is the source when forward is egress.
             side = "SRC" if flow.key.direction == EGRESS else "DST"
             record[f"{side}_PROC_PID"] = process.pid
-        record[f"{side}_PROC_NAME"] = process.comm
-        record[f"{side}_PROC_UID"] = process.uid
+            record[f"{side}_PROC_NAME"] = process.comm
+            record[f"{side}_PROC_UID"] = process.uid
+        return record

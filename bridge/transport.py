@@ -226,19 +226,21 @@ class TcpTransport(Transport):
         return went_newest
 
     def _pump(self, timeout: float = 0.0) -> None:
-        deadline = self._clock() + timeout
+        """Connects when the backoff allows and writes what the socket takes. Waits (real time,
+        whatever the backoff clock) up to `timeout` for the backlog to empty."""
+        deadline = time.monotonic() + timeout
         while True:
             if self.socket is None and self._clock() >= self._next_attempt:
                 self._start_connect()
             if self.socket is not None and not self._connected:
-                self._check_connect(max(0.0, deadline - self._clock()))
+                self._check_connect(max(0.0, deadline - time.monotonic()))
             if self._connected:
                 self._write()
-            remaining = deadline - self._clock()
+            remaining = deadline - time.monotonic()
             if remaining <= 0 or (self._connected and not self._queue):
                 return
             if self.socket is None:
-                time.sleep(min(remaining, max(0.0, self._next_attempt - self._clock()), 0.05))
+                time.sleep(min(remaining, 0.05))
             elif self._connected:
                 select.select([], [self.socket], [], min(remaining, 0.05))
 

@@ -27,7 +27,9 @@ BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_PROG_LOAD = 5
 BPF_LINK_CREATE = 28
+BPF_PROG_TYPE_SCHED_CLS = 3
 
 # enum bpf_attach_type
 CGROUP_INET_INGRESS = 0
@@ -53,6 +55,34 @@ def _bpf(cmd: int, attr: ctypes.Array) -> int:
         err = ctypes.get_errno()
         raise BpfError(err, os.strerror(err))
     return ret
+
+
+def prog_load(prog_type: int, insns: bytes, name: str, license_: bytes = b"GPL") -> int:
+    """Load already-relocated bytecode (map fds in place, as bcc emits it); returns the fd."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license_)
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into(
+        "<IIQQIIQII16s",
+        attr,
+        0,
+        prog_type,
+        len(insns) // 8,
+        ctypes.addressof(code),
+        ctypes.addressof(lic),
+        1,
+        len(log),
+        ctypes.addressof(log),
+        0,
+        0,
+        name.encode()[:15],
+    )
+    try:
+        return _bpf(BPF_PROG_LOAD, attr)
+    except BpfError as exc:
+        detail = log.value.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise BpfError(exc.errno, f"{exc.strerror}: {detail[0]}") from None
 
 
 def link_create(prog_fd: int, target: int, attach_type: int) -> int:

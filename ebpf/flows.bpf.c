@@ -40,6 +40,11 @@
 #define TCP_STATE_LISTEN 10
 #define TCX_NEXT_ -1
 
+// Replaced in each TC program's bytecode by the cookie of the namespace it is attached in (see
+// ebpf/loader.py): bpf_get_netns_cookie(skb) follows skb->sk, which after a veth crossing is
+// the sending socket of the other namespace.
+#define NETNS_PLACEHOLDER 0x6662746e73636b69ULL
+
 #define DIR_INGRESS 0
 #define DIR_EGRESS 1
 
@@ -379,7 +384,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 l3, __u8 directio
     if (skb->vlan_present)
         return TCX_NEXT_;  // counted on the VLAN device itself
     struct pkt p = {};
-    p.key.netns = bpf_get_netns_cookie(skb);
+    p.key.netns = NETNS_PLACEHOLDER;
     int err;
     if (skb->protocol == bpf_htons(ETH_P_IP_))
         err = parse_ipv4(skb, l3, &p);

@@ -15,9 +15,11 @@ which tests call directly after creating a namespace.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ebpf import bpfsys, netns
@@ -39,7 +41,7 @@ L3_LINK_TYPES = {
 
 @dataclass
 class Programs:
-    """Program fds by role, as loaded by the loader."""
+    """Counting program fds by role, loaded for one network namespace."""
 
     ingress: int
     egress: int
@@ -47,18 +49,22 @@ class Programs:
     ingress_l3: int
     egress_l3: int
 
+    def close(self) -> None:
+        _close_all([self.ingress, self.egress, self.loopback, self.ingress_l3, self.egress_l3])
+
 
 @dataclass
 class NamespaceState:
     ns: netns.Namespace
     cookie: int
+    programs: Programs
     links: dict[int, list[int]] = field(default_factory=dict)  # ifindex -> link fds
     names: dict[int, str] = field(default_factory=dict)
 
 
 class InterfaceAttacher:
-    def __init__(self, programs: Programs) -> None:
-        self.programs = programs
+    def __init__(self, programs_for: Callable[[int], Programs]) -> None:
+        self.programs_for = programs_for  # netns cookie -> programs bound to that namespace
         self.namespaces: dict[int, NamespaceState] = {}  # by inode
         self.cookie_to_inode: dict[int, int] = {}
         self.attach_errors = 0
@@ -72,7 +78,7 @@ class InterfaceAttacher:
             for inode in list(self.namespaces):
                 if inode not in seen:
                     self._forget(self.namespaces.pop(inode))
-            for inode, ns in seen.items():
+            for ns in seen.values():
                 try:
                     netns.run_in(ns, lambda ns=ns: self._sync_here(ns))
                 except OSError as exc:
@@ -82,7 +88,8 @@ class InterfaceAttacher:
     def _sync_here(self, ns: netns.Namespace) -> None:
         state = self.namespaces.get(ns.inode)
         if state is None:
-            state = NamespaceState(ns, netns.cookie_here())
+            cookie = netns.cookie_here()
+            state = NamespaceState(ns, cookie, self.programs_for(cookie))
             self.namespaces[ns.inode] = state
             self.cookie_to_inode[state.cookie] = ns.inode
         present = {}
@@ -96,15 +103,14 @@ class InterfaceAttacher:
                 state.links[ifindex] = []
                 state.names[ifindex] = name
                 continue
-            state.links[ifindex] = self._attach(ifindex, name, link_type)
+            state.links[ifindex] = self._attach(state.programs, ifindex, name, link_type)
             state.names[ifindex] = name
         for ifindex in list(state.links):
             if ifindex not in present:
                 _close_all(state.links.pop(ifindex))
                 state.names.pop(ifindex, None)
 
-    def _attach(self, ifindex: int, name: str, link_type: int) -> list[int]:
-        p = self.programs
+    def _attach(self, p: Programs, ifindex: int, name: str, link_type: int) -> list[int]:
         if link_type == ARPHRD_LOOPBACK:
             plan = [(p.loopback, bpfsys.TCX_EGRESS)]
         elif link_type in L3_LINK_TYPES:
@@ -126,6 +132,7 @@ class InterfaceAttacher:
     def _forget(self, state: NamespaceState) -> None:
         for fds in state.links.values():
             _close_all(fds)
+        state.programs.close()
         self.cookie_to_inode.pop(state.cookie, None)
 
     def interface_count(self) -> int:
@@ -142,7 +149,5 @@ class InterfaceAttacher:
 
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass

@@ -34,6 +34,8 @@ CGROUP_PROGRAMS = (
     ("sock_ops", "SOCK_OPS", bpfsys.CGROUP_SOCK_OPS),
 )
 TC_PROGRAMS = ("tc_ingress", "tc_egress", "tc_loopback", "tc_ingress_l3", "tc_egress_l3")
+NETNS_PLACEHOLDER = 0x6662746E73636B69  # as in flows.bpf.c
+LD_IMM64 = 0x18
 
 
 def cgroup2_mount() -> Path | None:
@@ -54,9 +56,12 @@ def tracefs_mount() -> Path | None:
     for directory in TRACEFS_DIRS:
         if os.path.isdir(os.path.join(directory, "events")):
             return Path(directory)
-    if os.geteuid() == 0 and os.path.isdir(TRACEFS_DIRS[0]):
-        if os.system(f"mount -t tracefs nodev {TRACEFS_DIRS[0]} 2>/dev/null") == 0:
-            return Path(TRACEFS_DIRS[0])
+    if (
+        os.geteuid() == 0
+        and os.path.isdir(TRACEFS_DIRS[0])
+        and os.system(f"mount -t tracefs nodev {TRACEFS_DIRS[0]} 2>/dev/null") == 0
+    ):
+        return Path(TRACEFS_DIRS[0])
     return None
 
 
@@ -64,7 +69,8 @@ def resolve_cgroup(cgroup: str | None) -> Path:
     root = cgroup2_mount()
     if root is None:
         raise EbpfUnavailable(
-            "no cgroup v2 hierarchy mounted; mount one: mount -t cgroup2 none /sys/fs/cgroup/unified"
+            "no cgroup v2 hierarchy mounted; mount one: "
+            "mount -t cgroup2 none /sys/fs/cgroup/unified"
         )
     if cgroup is None:
         return root
@@ -78,6 +84,24 @@ def resolve_cgroup(cgroup: str | None) -> Path:
     return path
 
 
+def bind_netns(insns: bytes, netns_cookie: int) -> bytes:
+    """The bytecode with the namespace placeholder constant replaced by netns_cookie."""
+    code = bytearray(insns)
+    lo, hi = NETNS_PLACEHOLDER & 0xFFFFFFFF, NETNS_PLACEHOLDER >> 32
+    found = 0
+    for at in range(0, len(code) - 15, 8):
+        if code[at] != LD_IMM64 or code[at + 1] >> 4 != 0:  # src_reg 0: a plain constant
+            continue
+        if (int.from_bytes(code[at + 4 : at + 8], "little") == lo
+                and int.from_bytes(code[at + 12 : at + 16], "little") == hi):
+            code[at + 4 : at + 8] = (netns_cookie & 0xFFFFFFFF).to_bytes(4, "little")
+            code[at + 12 : at + 16] = (netns_cookie >> 32).to_bytes(4, "little")
+            found += 1
+    if found == 0:
+        raise EbpfUnavailable("flows.bpf.c: the netns placeholder constant was optimised away")
+    return bytes(code)
+
+
 @dataclass
 class LoadedPrograms:
     """The compiled module and everything attached outside interfaces."""
@@ -85,12 +109,25 @@ class LoadedPrograms:
     bpf: object  # bcc.BPF
     headers: KernelHeaders
     cgroup: Path
-    tc: Programs
+    tc_code: dict[str, bytes]  # TC program bytecode, still holding the netns placeholder
     link_fds: list[int] = field(default_factory=list)
     cgroup_fd: int = -1
 
     def table_fd(self, name: str) -> int:
         return self.bpf[name].get_fd()  # type: ignore[index]
+
+    def tc_programs(self, netns_cookie: int) -> Programs:
+        """The counting programs for one network namespace (the caller closes their fds)."""
+        fds: list[int] = []
+        try:
+            for name in TC_PROGRAMS:
+                code = bind_netns(self.tc_code[name], netns_cookie)
+                fds.append(bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_SCHED_CLS, code, name))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return Programs(*fds)
 
     def close(self) -> None:
         for fd in self.link_fds:
@@ -119,7 +156,9 @@ def import_bcc():
 def compile_module(max_flows: int, max_socks: int, ringbuf_pages: int = 256):
     """Compile flows.bpf.c; returns (bcc.BPF, KernelHeaders)."""
     if os.geteuid() != 0:
-        raise EbpfUnavailable("loading BPF programs needs root (or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON)")
+        raise EbpfUnavailable(
+            "loading BPF programs needs root (or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON)"
+        )
     bcc = import_bcc()
     headers = find_headers()
     headers.apply()
@@ -150,8 +189,9 @@ def load(cgroup: str | None, max_flows: int, max_socks: int) -> LoadedPrograms:
     BPF = bcc.BPF
     loaded: LoadedPrograms | None = None
     try:
-        tc_fds = [module.load_func(name, BPF.SCHED_CLS).fd for name in TC_PROGRAMS]
-        loaded = LoadedPrograms(module, headers, target, Programs(*tc_fds))
+        tc_code = {name: module.dump_func(name) for name in TC_PROGRAMS}
+        loaded = LoadedPrograms(module, headers, target, tc_code)
+        loaded.tc_programs(0).close()  # let the verifier see them once now: fail early
         loaded.cgroup_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         for func, prog_type, attach_type in CGROUP_PROGRAMS:
             fn = module.load_func(func, getattr(BPF, prog_type), attach_type=attach_type)

@@ -62,7 +62,7 @@ class TcpHealth:
     srtt_us: int  # smoothed RTT, microseconds (0 = unknown)
     min_rtt_us: int
     snd_cwnd: int  # segments
-    state: int  # TCP state number as in include/net/tcp_states.h (1 ESTABLISHED ... 12 NEW_SYN_RECV)
+    state: int  # TCP state as in include/net/tcp_states.h (1 ESTABLISHED ... 12 NEW_SYN_RECV)
 
 
 @dataclass(frozen=True, slots=True)

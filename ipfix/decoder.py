@@ -148,6 +148,12 @@ class Decoder:
                 _data_set(cache.get(set_id), body, message)
             else:
                 raise DecodeError(f"v9 FlowSet id {set_id} is reserved")
+        found = len(message.templates) + len(message.options_templates)
+        found += len(message.records) + len(message.options_records)
+        if found < count and not message.unknown_template_sets:
+            # v9 has no length field: count (all records, RFC 3954 §5.1) is the only way to
+            # see a packet cut at a FlowSet boundary.
+            raise DecodeError(f"v9 count {count} but {found} records: truncated packet")
         for record in message.records:
             for key in ("flowStartMilliseconds", "flowEndMilliseconds"):
                 relative = record.get(_relative_key(key))

@@ -35,6 +35,7 @@ class IpfixEncoder:
         taken: set[int] = set()
         self.templates: dict[int, Template] = flow_templates(profile, "ipfix", taken)
         self.packers = {family: RecordPacker(t) for family, t in self.templates.items()}
+        self._template_records = [t.ipfix_record() for t in self.templates.values()]
         self.sequence = 0  # data records sent before the next message, flow domain
         self.stats_sequence = 0  # the same for observation domain 0
         self._stats = RecordPacker(
@@ -59,8 +60,7 @@ class IpfixEncoder:
         """All data templates, in as few template-only messages as the size limit allows."""
         room = self.max_message_size - HEADER.size - 4
         messages, group, size = [], [], 0
-        for template in self.templates.values():
-            record = template.ipfix_record()
+        for record in self._template_records:
             if group and size + len(record) > room:
                 messages.append(self._template_message(group, now_ms))
                 group, size = [], 0

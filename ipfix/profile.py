@@ -113,13 +113,15 @@ def parse_profile(text: str, source: str) -> Profile:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None) or _line_of_message(str(exc))
+        line = getattr(exc, "lineno", None) or _line_of_message(str(exc), text)
         raise ProfileError(f"{source}:{line}: invalid TOML: {_first_clause(str(exc))}") from None
     return _Validator(text, source).profile(data)
 
 
-def _line_of_message(message: str) -> int:
-    # "Expected ... (at line 3, column 7)"
+def _line_of_message(message: str, text: str) -> int:
+    # "Expected ... (at line 3, column 7)" or "... (at end of document)"
+    if "at end of document" in message:
+        return max(1, len(text.splitlines()))
     marker = "at line "
     if marker in message:
         digits = message.split(marker, 1)[1].split(",", 1)[0].split(")", 1)[0]
@@ -137,19 +139,23 @@ class _Validator:
         self.lines = text.splitlines()
         self.source = source
 
-    def line_of(self, *needles: str) -> int:
+    def line_of(self, *needles: str, occurrence: int = 1) -> int:
         for needle in needles:
+            seen = 0
             for number, line in enumerate(self.lines, 1):
                 code = line.split("#", 1)[0]
                 if needle in code:
-                    return number
+                    seen += 1
+                    if seen == occurrence:
+                        return number
         return 1
 
     def fail(self, line: int, what: str) -> ProfileError:
         return ProfileError(f"{self.source}:{line}: {what}")
 
-    def element_error(self, name: str, what: str) -> ProfileError:
-        line = self.line_of(f'"{name}"', f"'{name}'", name)
+    def element_error(self, name: str, what: str, occurrence: int = 1) -> ProfileError:
+        needles = (f'"{name}"', f"'{name}'", name)
+        line = self.line_of(*needles, occurrence=occurrence)
         return self.fail(line, f"element '{name}': {what}")
 
     def profile(self, data: dict) -> Profile:
@@ -207,7 +213,7 @@ class _Validator:
             if element is None:
                 raise self.element_error(name, "unknown information element")
             if name in names:
-                raise self.element_error(name, "listed twice")
+                raise self.element_error(name, "listed twice", occurrence=2)
             if "length" in spec:
                 length = spec["length"]
                 for protocol in protocols:

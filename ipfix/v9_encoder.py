@@ -46,6 +46,7 @@ class V9Encoder:
         taken: set[int] = set()
         self.templates: dict[int, Template] = flow_templates(profile, "v9", taken)
         self.packers = {family: RecordPacker(t) for family, t in self.templates.items()}
+        self._template_records = [t.v9_record() for t in self.templates.values()]
         self.sequence = 0  # packets sent before this one (v9 counts packets, not records)
         system = TemplateField(V9_SCOPE_SYSTEM, 4, "scopeSystem")
         interface = TemplateField(V9_SCOPE_INTERFACE, 4, "scopeInterface")
@@ -76,8 +77,7 @@ class V9Encoder:
             self.uptime.stamp(header_ms, [])
         room = self.max_message_size - HEADER.size - 4
         messages, group, size = [], [], 0
-        for template in self.templates.values():
-            record = template.v9_record()
+        for record in self._template_records:
             if group and size + len(record) > room:
                 messages.append(
                     self._packet(make_set(0, b"".join(group), 4), len(group), header_ms)

@@ -43,8 +43,10 @@ def open_listener(host: str, port: int) -> socket.socket:
 
 def _address(record: dict, v4: str, v6: str) -> str:
     value = record.get(v6) or record.get(v4)
-    if isinstance(value, bytes) and len(value) in (4, 16):
+    if isinstance(value, bytes) and len(value) == 4:
         return str(ipaddress.ip_address(value))
+    if isinstance(value, bytes) and len(value) == 16:
+        return f"[{ipaddress.ip_address(value)}]"
     return "?"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 from ebpf.observation import (
     Direction,
@@ -12,6 +13,7 @@ from ebpf.observation import (
     ProcessInfo,
     TcpHealth,
 )
+from ipfix.decoder import Decoder
 
 T0 = 1_700_000_000_000  # epoch ms
 
@@ -78,3 +80,39 @@ def obs(
         tcp=tcp,
         end=end,
     )
+
+
+class Sink:
+    """A loopback UDP collector for tests: receives datagrams and decodes them."""
+
+    def __init__(self, family: int = socket.AF_INET, host: str = "127.0.0.1") -> None:
+        self.socket = socket.socket(family, socket.SOCK_DGRAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.socket.bind((host, 0))
+        self.host = host
+        self.port = self.socket.getsockname()[1]
+        self.decoder = Decoder()
+        self.datagrams: list[bytes] = []
+        self.messages: list = []
+
+    def receive(self, timeout: float = 0.5, expect: int = 0) -> list:
+        """Decoded messages received now (waits up to `timeout` once nothing more comes, and until
+        `expect` messages arrived at most `timeout` after the last)."""
+        new = []
+        self.socket.settimeout(timeout)
+        while True:
+            try:
+                data, sender = self.socket.recvfrom(65535)
+            except TimeoutError:
+                break
+            self.datagrams.append(data)
+            new += self.decoder.feed(data, sender[:2])
+            self.socket.settimeout(0.05 if len(new) >= expect else timeout)
+        self.messages += new
+        return new
+
+    def records(self, timeout: float = 0.5) -> list[dict]:
+        return [r for m in self.receive(timeout) for r in m.records]
+
+    def close(self) -> None:
+        self.socket.close()

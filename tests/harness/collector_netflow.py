@@ -161,7 +161,10 @@ def decode_with_netflow(datagrams: Sequence[bytes]) -> list[Flow]:
                 boot_ms = header.timestamp * 1000 + header.timestamp_nano // 1_000_000
                 boot_ms -= header.uptime
             for record in packet.flows:
-                flows.append(_normalize(record.data, boot_ms))
+                flow = _normalize(record.data, boot_ms)
+                # IPFIX options data comes out among the flows: keep flows only.
+                if any(name in flow for name in _ADDRESS_SIZES):
+                    flows.append(flow)
     return flows
 
 

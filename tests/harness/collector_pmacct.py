@@ -104,8 +104,11 @@ DEFAULT_PRIMITIVES: tuple[Primitive, ...] = (
     _ntop("DST_PROC_USER_NAME", 377, "vlen", "str"),
     _ntop("SRC_PROC_CONTAINER_ID", 558, "vlen", "str"),
     _ntop("DST_PROC_CONTAINER_ID", 559, "vlen", "str"),
-    # Legacy nProbe v9 ids nfdump shows as latency (v9 only); named by their v9 id.
-    *(Primitive(f"v9_{i}", None, str(i), 4) for i in range(57554, 57560)),
+    # Legacy nProbe v9 ids nfdump shows as latency (v9 only).
+    Primitive("CLIENT_NW_DELAY_SEC", None, "57554", 4),
+    Primitive("CLIENT_NW_DELAY_USEC", None, "57555", 4),
+    Primitive("SERVER_NW_DELAY_SEC", None, "57556", 4),
+    Primitive("SERVER_NW_DELAY_USEC", None, "57557", 4),
 )
 
 BUILTIN_AGGREGATE = (

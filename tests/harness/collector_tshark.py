@@ -67,7 +67,8 @@ TSHARK_FIELDS: dict[str, tuple[str, Callable[[str], object]]] = {
     "cflow.flow_end_reason": ("flowEndReason", _int),
     "cflow.biflow_direction": ("biflowDirection", _int),
     "cflow.icmp_type_code_ipv4": ("icmpTypeCodeIPv4", _int),
-    "cflow.icmp_type_code_ipv6": ("icmpTypeCodeIPv6", _int),
+    "cflow.icmp_ipv6_type": ("icmp6.type", _int),
+    "cflow.icmp_ipv6_code": ("icmp6.code", _int),
     "cflow.sampling_interval": ("samplingInterval", _int),
     "cflow.srcas": ("bgpSourceAsNumber", _int),
     "cflow.dstas": ("bgpDestinationAsNumber", _int),
@@ -168,6 +169,10 @@ def _record(raw: dict, header: dict) -> Flow:
     the header (export time - sysUptime + First/Last), as the collectors do."""
     flow: Flow = {}
     _fields(raw, header, flow)
+    # tshark splits icmpTypeCodeIPv6 (139) into type and code.
+    if "icmp6.type" in flow or "icmp6.code" in flow:
+        icmp_type, icmp_code = flow.pop("icmp6.type", 0), flow.pop("icmp6.code", 0)
+        flow["icmpTypeCodeIPv6"] = int(icmp_type) << 8 | int(icmp_code)  # type: ignore[call-overload]
     return flow
 
 
@@ -262,12 +267,21 @@ def pcap_packet_count(path: Path) -> int:
 class TsharkCapture:
     """Capture a live exporter on `lo` (tcpdump, immediate mode), then decode with tshark.
 
-    The listening port is free but nothing binds it unless `bind=True` (then a plain socket
-    swallows the datagrams so the exporter sees no ICMP port-unreachable)."""
+    By default a plain socket binds a free port and swallows the datagrams (so the exporter sees
+    no ICMP port-unreachable); with `port=` it watches a real collector's port instead, so tshark
+    and that collector decode the very same packets."""
 
-    def __init__(self, ip_version: int = 4, bind: bool = True, workdir: Path | None = None):
+    def __init__(
+        self,
+        ip_version: int = 4,
+        bind: bool = True,
+        workdir: Path | None = None,
+        port: int | None = None,
+    ):
+        """`port`: watch the traffic to a collector that already listens there (no bind)."""
         self.host = LOOPBACK[ip_version]
-        self.port = free_udp_port(self.host)
+        self.port = port or free_udp_port(self.host)
+        bind = bind and port is None
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fb-capture-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.pcap = self.workdir / "capture.pcap"

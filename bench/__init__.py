@@ -1,0 +1,1 @@
+"""Benchmarks: flowbridge and its peers side by side, printing ratios (`python -m bench`)."""

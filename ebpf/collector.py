@@ -1,0 +1,390 @@
+"""FlowCollector: the eBPF ObservationSource the agent consumes.
+
+Live flows are read from the kernel's flow map in batches and reported when they changed since
+the last poll; ended flows (TCP close, socket release) arrive as ring buffer events, and their
+final counters are taken from the map and removed in one step. See ebpf/README.md for the
+counting design and its limits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import threading
+import time
+
+from ebpf import bpfsys, existing, layout, netns
+from ebpf.attribution import Attribution
+from ebpf.endings import Endings
+from ebpf.errors import EbpfUnavailable
+from ebpf.interfaces import InterfaceAttacher
+from ebpf.layout import FLOW_KEY, FLOW_VAL, ConnId
+from ebpf.loader import cgroup2_mount, load
+from ebpf.observation import (
+    Direction,
+    EndCause,
+    FlowKey,
+    FlowObservation,
+    SourceStats,
+    TcpHealth,
+)
+
+TCP, UDP = 6, 17
+TCP_FIN, TCP_RST = 0x01, 0x04
+NS_PER_MS = 1_000_000
+
+
+class FlowCollector:
+    """Loads and attaches everything on construction; `close()` detaches everything."""
+
+    def __init__(
+        self, cgroup: str | None = None, max_flows: int = 65536, poll_interval_s: float = 1.0
+    ) -> None:
+        if max_flows < 16:
+            raise EbpfUnavailable(f"max_flows={max_flows}: must be at least 16")
+        self.max_flows = max_flows
+        self.poll_interval_s = poll_interval_s
+        self._loaded = load(cgroup, max_flows, max_socks=max(4096, max_flows))
+        self._closed = False
+        try:
+            self._setup(cgroup)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cgroup: str | None) -> None:
+        bpf = self._loaded.bpf
+        fd = self._loaded.table_fd
+        self._flows_fd = fd("flows")
+        self._excluded_fd = fd("excluded")
+        self._config_fd = fd("config")
+        self._watched_fd = fd("watched")
+        self._socks_fd = fd("socks")
+        self._ports_fd = fd("ports")
+        self._reader = bpfsys.BatchReader(self._flows_fd, FLOW_KEY.size, FLOW_VAL.size)
+        self._attacher = InterfaceAttacher(self._loaded.tc_programs)
+        self._attacher.sync()
+        self._attr = Attribution(
+            bpfsys.BatchReader(fd("socks"), 8, layout.SOCK_INFO.size),
+            scoped=cgroup is not None,
+        )
+        self._cgroup_path = self._loaded.cgroup
+        self._raw_events: list[bytes] = []
+        self._counters = bpf["counters"]
+        bpf["events"].open_ring_buffer(self._on_event)
+        # kernel key -> (last_ns when reported, FlowValue reported)
+        self._reported: dict[bytes, tuple[int, layout.FlowValue]] = {}
+        self._conn_keys: dict[ConnId, set[bytes]] = {}
+        self._pending: list[FlowObservation] = []
+        self._endings = Endings()
+        self._flows_in_map = 0
+        self._stop = threading.Event()
+        self.scan_existing()
+        self._watcher = threading.Thread(target=self._watch, name="flowbridge-netns", daemon=True)
+        self._watcher.start()
+
+    # -- ObservationSource ----------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int) -> list[FlowObservation]:
+        self._loaded.bpf.ring_buffer_poll(max(0, int(timeout_ms)))  # type: ignore[attr-defined]
+        self._attr.new_poll()
+        out, index = self._pending, {}
+        self._pending = []
+        self._read_live(out, index)
+        raw, self._raw_events = self._raw_events, []
+        for item in raw:
+            self._socket_ended(layout.decode_event(item), out, index)
+        for conn, cookie in self._endings.ready(self._reported):
+            self._finish(cookie, [conn], out, index)
+        return out
+
+    def release(self, keys: list[FlowKey]) -> None:
+        cookies = {state.ns.inode: state.cookie for state in self._attacher.namespaces.values()}
+        now_ms = _epoch_offset_ns()
+        for key in keys:
+            cookie = cookies.get(key.netns)
+            if cookie is None:
+                continue
+            kraw = layout.encode_key(key, cookie)
+            raw = bpfsys.lookup_and_delete(self._flows_fd, kraw, FLOW_VAL.size)
+            reported = self._reported.pop(kraw, None)
+            parts = layout.key_parts(kraw)
+            conn = layout.conn_of(parts)
+            self._forget_conn_key(conn, kraw)
+            if raw is None or reported is None:
+                continue
+            value = layout.decode_value(raw)
+            if value.last_ns != reported[0]:
+                # Counted after the last poll: report the remainder as a new flow.
+                self._pending.append(self._remainder(parts, conn, value, reported, now_ms))
+
+    def stats(self) -> SourceStats:
+        totals = {name: int(self._counters.sum(i).value) for i, name in enumerate(layout.CTR_NAMES)}
+        extra = {k: v for k, v in totals.items() if k not in ("flow_map_full", "events_lost")}
+        extra.update(
+            namespaces=len(self._attacher.namespaces),
+            interfaces_attached=self._attacher.interface_count(),
+            attach_errors=self._attacher.attach_errors,
+            sockets_known=self._attr.known_sockets(),
+        )
+        return SourceStats(
+            flows_in_map=self._flows_in_map,
+            map_capacity=self.max_flows,
+            map_full_drops=totals["flow_map_full"],
+            events_lost=totals["events_lost"],
+            extra=extra,
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            self._watcher.join(timeout=5)
+        attacher = getattr(self, "_attacher", None)
+        if attacher is not None:
+            attacher.close()
+        self._loaded.close()
+
+    def __enter__(self) -> FlowCollector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- agent helpers --------------------------------------------------------------------------
+
+    def exclude_socket(self, sock: socket.socket) -> None:
+        """Never report flows of this socket's local port (the agent's own export/collect
+        sockets). An unbound socket is bound to an ephemeral port first, so it has one."""
+        if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            raise ValueError(f"exclude_socket: unsupported socket type {sock.type!r}")
+        port = sock.getsockname()[1]
+        if port == 0:
+            sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
+            port = sock.getsockname()[1]
+        proto = TCP if sock.type == socket.SOCK_STREAM else UDP
+        ns_cookie = int.from_bytes(
+            sock.getsockopt(socket.SOL_SOCKET, netns.SO_NETNS_COOKIE, 8), "little"
+        )
+        bpfsys.update(self._excluded_fd, layout.PORT_KEY.pack(ns_cookie, port, proto), b"\x01")
+        bpfsys.update(self._config_fd, (0).to_bytes(4, "little"), (1).to_bytes(8, "little"))
+
+    def sync_interfaces(self) -> None:
+        """Attach to namespaces and interfaces created since the last scan (the collector also
+        does this every poll_interval_s on its own)."""
+        self._attacher.sync()
+
+    def scan_existing(self) -> int:
+        """Learn sockets that existed before attaching (sock_diag + /proc); returns how many."""
+        owners = existing.socket_owners()
+        learned = 0
+        for state in list(self._attacher.namespaces.values()):
+            try:
+                found = netns.run_in(state.ns, existing.scan_here)
+            except OSError:
+                continue
+            for sock in found:
+                pid = owners.get(sock.inode)
+                if pid is None:
+                    continue
+                if self._attr.scoped and not self._in_scope(pid):
+                    continue
+                conn = (state.cookie, sock.protocol, sock.ip_version, sock.local_addr,
+                        sock.local_port, sock.remote_addr, sock.remote_port)
+                process = existing.process_of(pid, sock.uid)
+                self._attr.learn_existing(conn, sock, process)
+                if sock.protocol == TCP and sock.state != existing.TCP_LISTEN_STATE:
+                    bpfsys.update(self._watched_fd, layout.U64.pack(sock.cookie),
+                                  layout.U64.pack(state.cookie))
+                else:
+                    # Listeners and UDP sockets into the kernel maps: accepted connections
+                    # inherit the listener's process there, and their release is reported.
+                    self._register_socket(state.cookie, sock, process)
+                learned += 1
+        return learned
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _in_scope(self, pid: int) -> bool:
+        path = existing.cgroup_path_of(pid)
+        root = cgroup2_mount()
+        if path is None or root is None:
+            return False
+        scope = "/" + str(self._cgroup_path.relative_to(root)).strip(".")
+        scope = scope.rstrip("/")
+        return not scope or path == scope or path.startswith(scope + "/")
+
+    def _register_socket(self, ns_cookie: int, sock, process) -> None:
+        info = layout.SOCK_INFO.pack(
+            ns_cookie, process.cgroup_id, process.pid, process.uid, sock.local_port,
+            sock.protocol, 5, process.comm.encode()[:15],
+        )
+        cookie = layout.U64.pack(sock.cookie)
+        bpfsys.update(self._socks_fd, cookie, info)
+        bpfsys.update(self._ports_fd, layout.PORT_KEY.pack(ns_cookie, sock.local_port,
+                                                           sock.protocol), cookie)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self._attacher.sync()
+            except Exception:  # a namespace vanishing mid-scan must not kill the watcher
+                continue
+
+    def _on_event(self, _ctx, data, size) -> None:
+        self._raw_events.append(ctypes.string_at(data, size))
+
+    def _netns_inode(self, cookie: int) -> int:
+        inode = self._attacher.cookie_to_inode.get(cookie)
+        if inode is None:
+            self._attacher.sync()
+            inode = self._attacher.cookie_to_inode.get(cookie, 0)
+        return inode
+
+    def _read_live(self, out: list[FlowObservation], index: dict[bytes, int]) -> None:
+        reported = self._reported
+        ksize, vsize = FLOW_KEY.size, FLOW_VAL.size
+        last_at = layout.FLOW_VAL_LAST_NS_OFFSET
+        unpack_u64 = layout.U64.unpack_from
+        changed: list[tuple[bytes, int, bytes]] = []
+        total = 0
+        for keys, values in self._reader.read():
+            n = len(keys) // ksize
+            total += n
+            for i in range(n):
+                kraw = keys[i * ksize : (i + 1) * ksize]
+                last_ns = unpack_u64(values, i * vsize + last_at)[0]
+                prev = reported.get(kraw)
+                if prev is None or prev[0] != last_ns:
+                    changed.append((kraw, i, values))
+        self._flows_in_map = total
+        decoded = []
+        for kraw, i, values in changed:
+            parts = layout.key_parts(kraw)
+            value = layout.decode_value(values, i * vsize)
+            conn = layout.conn_of(parts)
+            if parts[7] == Direction.EGRESS:
+                self._attr.learn_from_egress(conn, value)
+            decoded.append((kraw, parts, value, conn))
+        offset = _epoch_offset_ns()
+        for kraw, parts, value, conn in decoded:
+            keys_of_conn = self._conn_keys.get(conn)
+            if keys_of_conn is None:
+                self._conn_keys[conn] = {kraw}
+            else:
+                keys_of_conn.add(kraw)
+            reported[kraw] = (value.last_ns, value)
+            obs = self._observation(parts, value, conn, offset, EndCause.NONE)
+            if obs is not None:
+                index[kraw] = len(out)
+                out.append(obs)
+
+    def _observation(self, parts, value: layout.FlowValue, conn: ConnId, offset: int,
+                     end: EndCause) -> FlowObservation | None:
+        cookie, process = self._attr.resolve(conn, value.cookie if parts[7] else 0)
+        if process is None and self._attr.scoped:
+            return None
+        return FlowObservation(
+            key=layout.flow_key(parts, self._netns_inode(parts[0])),
+            ifindex=value.ifindex,
+            octets=value.octets,
+            packets=value.packets,
+            tcp_flags=value.tcp_flags & 0xFF,
+            first_ms=(value.first_ns + offset) // NS_PER_MS,
+            last_ms=(value.last_ns + offset) // NS_PER_MS,
+            socket_cookie=cookie,
+            process=process,
+            tcp=self._attr.health(conn) if parts[5] == TCP else None,
+            end=end,
+        )
+
+    def _remainder(self, parts, conn, value, reported, now_offset) -> FlowObservation:
+        before = reported[1]
+        rest = layout.FlowValue(
+            value.octets - before.octets, value.packets - before.packets,
+            before.last_ns + 1, value.last_ns, value.tcp_flags, value.cookie, value.cgroup_id,
+            value.retrans_packets, value.retrans_bytes, value.ifindex, value.seq_end,
+            value.srtt_us, value.min_rtt_us, value.snd_cwnd, value.state,
+        )
+        return self._observation(parts, rest, conn, now_offset, EndCause.NONE)  # type: ignore[return-value]
+
+    def _forget_conn_key(self, conn: ConnId, kraw: bytes) -> None:
+        keys = self._conn_keys.get(conn)
+        if keys is not None:
+            keys.discard(kraw)
+            if not keys:
+                del self._conn_keys[conn]
+                self._attr.forget_conn(conn)
+
+    def _socket_ended(self, event: layout.Event, out: list[FlowObservation],
+                      index: dict[bytes, int]) -> None:
+        conns = self._attr.conns_of_cookie(event.cookie)
+        if event.conn is not None:
+            conns.add(event.conn)
+        if event.info is not None:
+            self._attr.remember(event.cookie, event.info)
+        if event.kind == layout.EV_SOCK_RELEASE:
+            self._finish(event.cookie, conns, out, index)
+            return
+        for conn in conns:  # TCP: the flows may outlive the socket (ebpf/endings.py)
+            self._endings.add(conn, event.cookie, event.old_state)
+
+    def _finish(self, cookie: int, conns, out: list[FlowObservation],
+                index: dict[bytes, int]) -> None:
+        """Take the flows' final counters out of the map and report them ended."""
+        offset = _epoch_offset_ns()
+        for conn in conns:
+            kraws = set(self._conn_keys.pop(conn, ()))
+            if conn[1] in (TCP, UDP):
+                kraws.update(layout.kernel_keys_of(conn))
+            finals = []
+            for kraw in kraws:
+                raw = bpfsys.lookup_and_delete(self._flows_fd, kraw, FLOW_VAL.size)
+                self._reported.pop(kraw, None)
+                if raw is not None:
+                    finals.append((kraw, layout.key_parts(kraw), layout.decode_value(raw)))
+            for _, parts, value in finals:
+                if parts[7] == Direction.EGRESS:
+                    self._attr.learn_from_egress(conn, value)
+            cause = _end_cause(conn[1], finals)
+            for kraw, parts, value in finals:
+                obs = self._observation(parts, value, conn, offset, cause)
+                if obs is None:
+                    continue
+                if kraw in index:
+                    out[index[kraw]] = obs
+                else:
+                    index[kraw] = len(out)
+                    out.append(obs)
+            self._attr.forget_conn(conn)
+        if not any(c.cookie == cookie for c in self._endings.closing.values()):
+            self._attr.forget_cookie(cookie)
+
+
+def _end_cause(protocol: int, finals) -> EndCause:
+    if protocol != TCP:
+        return EndCause.CLOSED
+    sent = received = 0
+    for _, parts, value in finals:
+        if parts[7] == Direction.EGRESS:
+            sent |= value.tcp_flags
+        else:
+            received |= value.tcp_flags
+    if sent & TCP_RST:
+        return EndCause.RST_SENT
+    if received & TCP_RST:
+        return EndCause.RST_RECEIVED
+    if (sent | received) & TCP_FIN:
+        return EndCause.FIN
+    return EndCause.CLOSED
+
+
+def _epoch_offset_ns() -> int:
+    """Add to a bpf_ktime_get_ns() (CLOCK_MONOTONIC) value to get Unix epoch nanoseconds."""
+    return time.time_ns() - time.monotonic_ns()
+
+
+__all__ = ["FlowCollector", "TcpHealth"]

@@ -1,0 +1,77 @@
+"""When a TCP connection's flows are final.
+
+The kernel tells us a TCP socket ended (SOCK_OPS state callback to CLOSE, or tcp_destroy_sock
+for sockets that existed before the agent), but that is not always the end of its packets: a
+socket closed by its application in FIN_WAIT1/FIN_WAIT2/CLOSING hands over to a timewait
+mini-socket, which still receives the peer's FIN and sends the last ACK. So a connection that
+closed from one of those states stays open here until both FINs (or a RST) went by and the
+flows were quiet for SETTLE_NS, or until tcp_fin_timeout passed. Other closes (LAST_ACK,
+SYN_SENT, ESTABLISHED on RST) end once the flows are quiet.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ebpf import layout
+from ebpf.layout import ConnId
+from ebpf.observation import Direction
+
+SETTLE_NS = 20_000_000
+TCP_FIN, TCP_RST = 0x01, 0x04
+# Old states after which a timewait socket may still exchange FIN/ACK (tcp_states.h numbers);
+# 0: unknown (tcp_destroy_sock does not say).
+HANDOVER_STATES = {0, 4, 5, 11}  # unknown, FIN_WAIT1, FIN_WAIT2, CLOSING
+
+
+def fin_timeout_ns() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_fin_timeout") as f:
+            seconds = int(f.read().strip())
+    except (OSError, ValueError):
+        seconds = 60
+    return (seconds + 1) * 1_000_000_000
+
+
+@dataclass
+class Closing:
+    cookie: int
+    handover: bool
+    deadline_ns: int
+
+
+class Endings:
+    def __init__(self) -> None:
+        self.closing: dict[ConnId, Closing] = {}
+        self._fin_timeout_ns = fin_timeout_ns()
+
+    def add(self, conn: ConnId, cookie: int, old_state: int) -> None:
+        handover = old_state in HANDOVER_STATES
+        deadline = time.monotonic_ns() + (self._fin_timeout_ns if handover else 0)
+        self.closing[conn] = Closing(cookie, handover, deadline)
+
+    def ready(self, reported: dict[bytes, tuple[int, layout.FlowValue]]
+              ) -> list[tuple[ConnId, int]]:
+        """(connection, cookie) pairs whose flows are final now; they leave the closing set."""
+        now = time.monotonic_ns()
+        done = []
+        for conn, closing in self.closing.items():
+            sent = received = last_ns = 0
+            for kraw in layout.kernel_keys_of(conn):
+                seen = reported.get(kraw)
+                if seen is None:
+                    continue
+                last_ns = max(last_ns, seen[0])
+                if layout.key_parts(kraw)[7] == Direction.EGRESS:
+                    sent |= seen[1].tcp_flags
+                else:
+                    received |= seen[1].tcp_flags
+            quiet = now - last_ns >= SETTLE_NS
+            finished = (sent | received) & TCP_RST or (sent & received & TCP_FIN)
+            timed_out = now >= closing.deadline_ns
+            if quiet and (finished or timed_out or not closing.handover):
+                done.append((conn, closing.cookie))
+        for conn, _ in done:
+            del self.closing[conn]
+        return done

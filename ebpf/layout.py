@@ -1,0 +1,156 @@
+"""Byte layouts of the structs in flows.bpf.c, and their decoding into observation parts.
+
+Kept next to each other so that a change to a C struct has one obvious Python twin.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from ebpf.observation import Direction, FlowKey, ProcessInfo
+
+# struct flow_key: netns cookie, saddr[16], daddr[16], sport, dport, proto, ipver, direction
+FLOW_KEY = struct.Struct("<Q16s16sHHBBBx")
+# struct flow_val
+FLOW_VAL = struct.Struct("<9Q8I")
+FLOW_VAL_LAST_NS_OFFSET = 24
+# struct sock_info: netns, cgroup_id, tgid, uid, bound_port, protocol, origin, comm
+SOCK_INFO = struct.Struct("<QQIIHBB4x16s")
+# struct port_key: netns, port, proto
+PORT_KEY = struct.Struct("<QHB5x")
+# struct event header, then a struct sock_info
+EVENT = struct.Struct("<IIQQ16s16sHHBB2x")
+U64 = struct.Struct("<Q")
+
+EV_TCP_CLOSE = 1
+EV_TCP_DESTROY = 2
+EV_SOCK_RELEASE = 3
+
+CTR_NAMES = (
+    "flow_map_full",
+    "sock_map_full",
+    "events_lost",
+    "fragments_without_first",
+    "truncated_packets",
+    "port_map_full",
+    "excluded_packets",
+)
+
+ICMP_PROTOCOLS = (1, 58)
+V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+# A connection as the local socket sees it: (netns cookie, protocol, ip version, local address,
+# local port, remote address, remote port); ICMP ports are 0.
+ConnId = tuple[int, int, int, bytes, int, bytes, int]
+
+
+@dataclass(slots=True)
+class FlowValue:
+    octets: int
+    packets: int
+    first_ns: int
+    last_ns: int
+    tcp_flags: int
+    cookie: int
+    cgroup_id: int
+    retrans_packets: int
+    retrans_bytes: int
+    ifindex: int
+    seq_end: int
+    srtt_us: int
+    min_rtt_us: int
+    snd_cwnd: int
+    state: int
+
+
+def decode_value(raw: bytes, offset: int = 0) -> FlowValue:
+    return FlowValue(*FLOW_VAL.unpack_from(raw, offset)[:15])
+
+
+def key_parts(raw: bytes, offset: int = 0):
+    """(netns cookie, saddr, daddr, sport, dport, proto, ipver, direction), addresses trimmed."""
+    netns, saddr, daddr, sport, dport, proto, ipver, direction = FLOW_KEY.unpack_from(raw, offset)
+    if ipver == 4:
+        saddr, daddr = saddr[:4], daddr[:4]
+    return netns, saddr, daddr, sport, dport, proto, ipver, direction
+
+
+def flow_key(parts, netns_inode: int) -> FlowKey:
+    _, saddr, daddr, sport, dport, proto, ipver, direction = parts
+    return FlowKey(netns_inode, Direction(direction), ipver, proto, saddr, daddr, sport, dport)
+
+
+def conn_of(parts) -> ConnId:
+    """The local socket's view of a kernel flow key."""
+    netns, saddr, daddr, sport, dport, proto, ipver, direction = parts
+    if proto in ICMP_PROTOCOLS:
+        sport = dport = 0
+    if direction == Direction.EGRESS:
+        return (netns, proto, ipver, saddr, sport, daddr, dport)
+    return (netns, proto, ipver, daddr, dport, saddr, sport)
+
+
+def kernel_keys_of(conn: ConnId) -> list[bytes]:
+    """The kernel keys of a connection's two directions (TCP/UDP; ICMP needs a scan)."""
+    netns, proto, ipver, laddr, lport, raddr, rport = conn
+    return [
+        FLOW_KEY.pack(netns, laddr, raddr, lport, rport, proto, ipver, Direction.EGRESS),
+        FLOW_KEY.pack(netns, raddr, laddr, rport, lport, proto, ipver, Direction.INGRESS),
+    ]
+
+
+def encode_key(key: FlowKey, netns_cookie: int) -> bytes:
+    return FLOW_KEY.pack(
+        netns_cookie, key.src_addr, key.dst_addr, key.src_port, key.dst_port,
+        key.protocol, key.ip_version, key.direction,
+    )
+
+
+def unmap_v4(addr: bytes, family: int) -> tuple[bytes, int]:
+    """(address, ip version) with IPv4-mapped IPv6 addresses turned into IPv4."""
+    if family == socket.AF_INET:
+        return addr[:4], 4
+    if addr.startswith(V4_MAPPED_PREFIX):
+        return addr[12:16], 4
+    return addr, 6
+
+
+@dataclass(frozen=True, slots=True)
+class SockInfo:
+    netns: int
+    process: ProcessInfo
+    bound_port: int
+    protocol: int
+    origin: int
+
+
+def decode_sock_info(raw: bytes, offset: int = 0) -> SockInfo | None:
+    netns, cgroup_id, tgid, uid, port, proto, origin, comm = SOCK_INFO.unpack_from(raw, offset)
+    if not origin:
+        return None
+    name = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return SockInfo(netns, ProcessInfo(tgid, name, uid, cgroup_id), port, proto, origin)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: int
+    old_state: int
+    cookie: int
+    netns: int
+    conn: ConnId | None
+    info: SockInfo | None
+
+
+def decode_event(raw: bytes) -> Event:
+    kind, old_state, cookie, netns, laddr, raddr, lport, rport, family, proto = (
+        EVENT.unpack_from(raw, 0)
+    )
+    conn = None
+    if kind == EV_TCP_CLOSE:
+        local, ipver = unmap_v4(laddr, family)
+        remote, _ = unmap_v4(raddr, family)
+        conn = (netns, proto, ipver, local, lport, remote, rport)
+    return Event(kind, old_state, cookie, netns, conn, decode_sock_info(raw, EVENT.size))

@@ -1,0 +1,119 @@
+"""The agent loop in process: synthetic source, fake clock, real loopback collectors."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+from bridge.agent import Agent
+from bridge.config import AgentConfig, CollectorConfig
+from bridge.synthetic import SyntheticSource
+from ebpf.observation import EndCause
+from ipfix.decoder import Decoder
+
+from .helpers import T0, FakeClock, Sink, key, obs
+
+
+def agent_for(
+    collector: CollectorConfig, clock: FakeClock, **settings
+) -> tuple[Agent, SyntheticSource]:
+    source = SyntheticSource()
+    config = AgentConfig(collectors=(collector,), observation_domain_id=99, **settings)
+    return Agent(config, source, clock=clock), source
+
+
+def test_timeouts_through_the_agent_add_up():
+    sink = Sink()
+    clock = FakeClock(T0)
+    agent, source = agent_for(
+        CollectorConfig(host=sink.host, port=sink.port), clock, active_timeout=10, idle_timeout=5
+    )
+    k = key()
+    for packets in range(1, 26):  # 25 s of traffic, one packet per second
+        source.feed([obs(k, packets * 100, packets, T0, clock.ms)])
+        agent.step()
+        clock.advance(1)
+    clock.advance(5)
+    agent.step()
+    records = sink.records(timeout=1)
+    assert [r["flowEndReason"] for r in records] == [2, 2, 1]
+    assert sum(r["packetDeltaCount"] for r in records) == 25
+    assert sum(r["octetDeltaCount"] for r in records) == 2500
+    assert source.released == [k]
+    agent.shutdown(drain_seconds=0)
+    assert source.closed
+    sink.close()
+
+
+def split_ipfix(stream: bytes) -> list[bytes]:
+    messages = []
+    while len(stream) >= 4:
+        length = struct.unpack_from(">H", stream, 2)[0]
+        messages.append(stream[:length])
+        stream = stream[length:]
+    return messages
+
+
+def read_stream(conn: socket.socket, quiet: float = 0.3) -> bytes:
+    conn.settimeout(quiet)
+    data = b""
+    while True:
+        try:
+            chunk = conn.recv(65536)
+        except TimeoutError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def decode_stream(data: bytes) -> list[dict]:
+    decoder = Decoder()  # a fresh collector: knows no templates
+    return [
+        r
+        for m in split_ipfix(data)
+        for msg in decoder.feed(m, ("127.0.0.1", 1))
+        for r in msg.records
+    ]
+
+
+def test_tcp_collector_down_then_up_then_restarted():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    clock = FakeClock(T0)
+    agent, source = agent_for(CollectorConfig(host="127.0.0.1", port=port, transport="tcp"), clock)
+    exporter = agent.exporters[0]
+    source.feed([obs(key(1000 + i, 80), 100, 1, T0, T0, end=EndCause.FIN) for i in range(5)])
+    agent.step()  # collector down: refused, queued
+    assert exporter.transport.stats.refused == 1
+    assert exporter.transport.backlog_messages > 0
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen()
+    listener.settimeout(3)
+    try:
+        time.sleep(0.6)  # the transport's first backoff (real time, not a flow timeout)
+        agent.step()
+        conn, _ = listener.accept()
+        records = decode_stream(read_stream(conn))
+        assert sorted(r["sourceTransportPort"] for r in records) == [1000, 1001, 1002, 1003, 1004]
+
+        conn.close()  # the collector restarts and forgets its templates
+        agent.step()
+        source.feed([obs(key(2000, 80), 100, 1, T0, T0, end=EndCause.FIN)])
+        time.sleep(0.6)
+        agent.step()
+        agent.step()
+        conn, _ = listener.accept()
+        records = decode_stream(read_stream(conn))  # decodable: templates came first
+        assert [r["sourceTransportPort"] for r in records] == [2000]
+        assert exporter.transport.stats.connects == 2
+        assert exporter.transport.stats.records_dropped == 0
+    finally:
+        agent.shutdown(drain_seconds=0.5)
+        listener.close()
