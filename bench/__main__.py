@@ -1,5 +1,5 @@
-"""`python -m bench [NAME ...]` (or `tox -e bench`): run the benchmarks, each in its own process so one
-cannot warm or pollute another. Each prints one JSON line per result:
+"""`python -m bench [NAME ...]` (or `tox -e bench`): run the benchmarks, each in its own process
+so one cannot warm or pollute another. Each prints one JSON line per result:
 {"name", "value", "unit", "peer", "peer_value", "ratio"}."""
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ class Nginx:
         return requests, Counter(port for port, _ in connections)
 
 
-def run_wrk(url: str, seconds: float, connections: int, close: bool, threads: int = 1
+def run_wrk(url: str, seconds: int, connections: int, close: bool, threads: int = 1
             ) -> WrkResult:
     """wrk against url; close=True sends `Connection: close` (one connection per request)."""
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", url]

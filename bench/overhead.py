@@ -5,7 +5,7 @@ for new-connection-per-request (`Connection: close`) and keep-alive HTTP/1.1 on 
 Also a correctness check under load: every connection nginx logged must appear in the
 collector's flows (matched per client port, nginx's connection serial telling connections apart).
 
-    python -m bench.overhead [--rounds 3] [--seconds 5] [--strict]
+    python -m bench.overhead [--rounds 4] [--seconds 5] [--strict]
 
 One JSON line per result: {"name", "value", "unit", "peer", "peer_value", "ratio"}; the peer is
 the same nginx without the collector (for the missing-connections lines: nginx's access log).
@@ -89,7 +89,7 @@ def wait_quiet(tally: ConnectionTally, settle_s: float = 1.5, limit_s: float = 1
         time.sleep(0.1)
 
 
-def measured_round(nginx: Nginx, attach: Callable[[], object] | None, seconds: float,
+def measured_round(nginx: Nginx, attach: Callable[[], object] | None, seconds: int,
                    connections: int, close: bool) -> tuple[WrkResult, dict | None]:
     """One wrk run; with `attach` the collector is loaded and polled during it and the logged
     connections are matched against its flows."""
@@ -154,8 +154,8 @@ def bench_mode(nginx: Nginx, attach: Callable[[], object], mode: str, args: argp
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per arm and mode")
-    parser.add_argument("--seconds", type=float, default=5.0, help="wrk duration per round")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per arm and mode")
+    parser.add_argument("--seconds", type=int, default=5, help="wrk duration per round")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="nginx worker_processes")
     parser.add_argument("--modes", default="close,keepalive")

@@ -17,6 +17,9 @@ from ebpf.layout import ConnId, SockInfo
 from ebpf.observation import ProcessInfo, TcpHealth
 
 TCP = 6
+# sock_info.origin (flows.bpf.c): 2 connect(), 4 inherited from the listener at accept,
+# 6 found by the start-up scan on a listening port.
+INITIATED_BY_ORIGIN = {2: True, 4: False, 6: False}
 
 
 class Attribution:
@@ -79,7 +82,8 @@ class Attribution:
     def learn_existing(self, conn: ConnId, sock, process: ProcessInfo) -> None:
         """A socket found by the start-up scan (ebpf.existing.ExistingSocket)."""
         bound = sock.local_port if not any(sock.remote_addr) else 0
-        info = SockInfo(conn[0], process, bound, sock.protocol, 5)
+        origin = 6 if sock.accepted else 5
+        info = SockInfo(conn[0], process, bound, sock.protocol, origin)
         self.remember(sock.cookie, info)
         if not bound:
             self._link(conn, sock.cookie)
@@ -88,8 +92,9 @@ class Attribution:
             self._health[conn] = TcpHealth(0, 0, sock.tcp.srtt_us, sock.tcp.min_rtt_us,
                                            sock.tcp.snd_cwnd, sock.tcp.state)
 
-    def resolve(self, conn: ConnId, cookie: int) -> tuple[int, ProcessInfo | None]:
-        """(socket cookie or 0, process or None) for a connection."""
+    def resolve(self, conn: ConnId, cookie: int
+                ) -> tuple[int, ProcessInfo | None, bool | None]:
+        """(socket cookie or 0, process or None, local_initiated) for a connection."""
         if not cookie:
             cookie = self._conn_cookie.get(conn, 0)
         info = self._socks.get(cookie) if cookie else None
@@ -97,17 +102,22 @@ class Attribution:
         if info is None and not self._refreshed and (cookie or owner_key not in self._port_owner):
             self._refresh()
             info = self._socks.get(cookie) if cookie else None
+        initiated = None if info is None else INITIATED_BY_ORIGIN.get(info.origin)
         if info is None:
             owner = self._port_owner.get(owner_key)
             if owner is not None:
                 info = self._socks.get(owner)
+                if conn[1] == TCP and info is not None:
+                    initiated = False  # a connection on a listening port was accepted
                 if not cookie and conn[1] != TCP:
                     # An unconnected UDP/ICMP server socket receives for its port; a TCP
                     # listener does not own its accepted connections.
                     cookie = owner
         if cookie:
             self._link(conn, cookie)
-        return cookie, info.process if info is not None else None
+        if conn[1] != TCP:
+            initiated = None
+        return cookie, (info.process if info is not None else None), initiated
 
     def health(self, conn: ConnId) -> TcpHealth | None:
         return self._health.get(conn)

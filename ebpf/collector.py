@@ -12,6 +12,7 @@ import ctypes
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 from ebpf import bpfsys, existing, layout, netns
 from ebpf.attribution import Attribution
@@ -25,6 +26,7 @@ from ebpf.observation import (
     EndCause,
     FlowKey,
     FlowObservation,
+    ProcessInfo,
     SourceStats,
     TcpHealth,
 )
@@ -32,6 +34,22 @@ from ebpf.observation import (
 TCP, UDP = 6, 17
 TCP_FIN, TCP_RST = 0x01, 0x04
 NS_PER_MS = 1_000_000
+
+
+@dataclass(slots=True)
+class Reported:
+    """What the last poll reported for one kernel flow key, kept to skip unchanged flows and
+    to reuse the FlowKey and attribution of changed ones."""
+
+    parts: tuple
+    conn: ConnId
+    last_ns: int = -1
+    value: layout.FlowValue | None = None
+    key: FlowKey | None = None
+    cookie: int = 0
+    process: ProcessInfo | None = None
+    initiated: bool | None = None
+    gen: int = 0
 
 
 class FlowCollector:
@@ -70,13 +88,13 @@ class FlowCollector:
         )
         self._cgroup_path = self._loaded.cgroup
         self._raw_events: list[bytes] = []
-        self._counters = bpf["counters"]
-        bpf["events"].open_ring_buffer(self._on_event)
-        # kernel key -> (last_ns when reported, FlowValue reported)
-        self._reported: dict[bytes, tuple[int, layout.FlowValue]] = {}
+        self._counters = bpf[b"counters"]
+        bpf[b"events"].open_ring_buffer(self._on_event)
+        self._reported: dict[bytes, Reported] = {}  # by kernel key
         self._conn_keys: dict[ConnId, set[bytes]] = {}
         self._pending: list[FlowObservation] = []
         self._endings = Endings()
+        self._rescanned = False
         self._flows_in_map = 0
         self._stop = threading.Event()
         self.scan_existing()
@@ -88,15 +106,26 @@ class FlowCollector:
     def poll(self, timeout_ms: int) -> list[FlowObservation]:
         self._loaded.bpf.ring_buffer_poll(max(0, int(timeout_ms)))  # type: ignore[attr-defined]
         self._attr.new_poll()
+        self._rescanned = False
         out, index = self._pending, {}
         self._pending = []
         self._read_live(out, index)
+        self._loaded.bpf.ring_buffer_consume()  # type: ignore[attr-defined]
         raw, self._raw_events = self._raw_events, []
+        retired: list[FlowObservation] = []
+        ended = []
         for item in raw:
-            self._socket_ended(layout.decode_event(item), out, index)
-        for conn, cookie in self._endings.ready(self._reported):
-            self._finish(cookie, [conn], out, index)
-        return out
+            if layout.event_kind(item) == layout.EV_FLOW_RETIRED:
+                self._retire(*layout.decode_retired(item), retired)
+            else:
+                ended.append(layout.decode_event(item))
+        for event in ended:
+            self._socket_ended(event, out, index)
+        for conn, cookie, gens in self._endings.ready(self._reported):
+            self._finish(cookie, [conn], out, index, gens)
+        self._retired_seen.clear()
+        # A retired flow is an earlier connection than anything read live under its key.
+        return retired + out if retired else out
 
     def release(self, keys: list[FlowKey]) -> None:
         cookies = {state.ns.inode: state.cookie for state in self._attacher.namespaces.values()}
@@ -107,16 +136,16 @@ class FlowCollector:
                 continue
             kraw = layout.encode_key(key, cookie)
             raw = bpfsys.lookup_and_delete(self._flows_fd, kraw, FLOW_VAL.size)
-            reported = self._reported.pop(kraw, None)
-            parts = layout.key_parts(kraw)
-            conn = layout.conn_of(parts)
-            self._forget_conn_key(conn, kraw)
-            if raw is None or reported is None:
+            seen = self._reported.pop(kraw, None)
+            self._forget_conn_key(layout.conn_of(layout.key_parts(kraw)), kraw)
+            if raw is None or seen is None:
                 continue
             value = layout.decode_value(raw)
-            if value.last_ns != reported[0]:
+            if value.last_ns != seen.last_ns:
                 # Counted after the last poll: report the remainder as a new flow.
-                self._pending.append(self._remainder(parts, conn, value, reported, now_ms))
+                obs = self._remainder(seen, value, now_ms)
+                if obs is not None:
+                    self._pending.append(obs)
 
     def stats(self) -> SourceStats:
         totals = {name: int(self._counters.sum(i).value) for i, name in enumerate(layout.CTR_NAMES)}
@@ -238,78 +267,97 @@ class FlowCollector:
         self._raw_events.append(ctypes.string_at(data, size))
 
     def _netns_inode(self, cookie: int) -> int:
+        """Inode of a namespace by cookie; an unknown one (created since the last scan) makes
+        one rescan per poll, and reads as 0 if it is gone already."""
         inode = self._attacher.cookie_to_inode.get(cookie)
-        if inode is None:
+        if inode is None and not self._rescanned:
+            self._rescanned = True
             self._attacher.sync()
-            inode = self._attacher.cookie_to_inode.get(cookie, 0)
-        return inode
+            inode = self._attacher.cookie_to_inode.get(cookie)
+        return inode or 0
 
     def _read_live(self, out: list[FlowObservation], index: dict[bytes, int]) -> None:
         reported = self._reported
         ksize, vsize = FLOW_KEY.size, FLOW_VAL.size
         last_at = layout.FLOW_VAL_LAST_NS_OFFSET
         unpack_u64 = layout.U64.unpack_from
-        changed: list[tuple[bytes, int, bytes]] = []
+        changed: list[tuple[bytes, int, bytes, Reported | None]] = []
         total = 0
+        consume = self._loaded.bpf.ring_buffer_consume  # type: ignore[attr-defined]
         for keys, values in self._reader.read():
+            consume()  # a long read must not let end-of-flow events overflow the ring buffer
             n = len(keys) // ksize
             total += n
             for i in range(n):
                 kraw = keys[i * ksize : (i + 1) * ksize]
                 last_ns = unpack_u64(values, i * vsize + last_at)[0]
                 prev = reported.get(kraw)
-                if prev is None or prev[0] != last_ns:
-                    changed.append((kraw, i, values))
+                if prev is None or prev.last_ns != last_ns:
+                    changed.append((kraw, i, values, prev))
         self._flows_in_map = total
         decoded = []
-        for kraw, i, values in changed:
-            parts = layout.key_parts(kraw)
+        learn = self._attr.learn_from_egress
+        for kraw, i, values, prev in changed:
+            if prev is None:
+                parts = layout.key_parts(kraw)
+                prev = Reported(parts, layout.conn_of(parts))
+                reported[kraw] = prev
+                if parts[5] not in (TCP, UDP):  # TCP/UDP keys follow from the connection
+                    self._conn_keys.setdefault(prev.conn, set()).add(kraw)
             value = layout.decode_value(values, i * vsize)
-            conn = layout.conn_of(parts)
-            if parts[7] == Direction.EGRESS:
-                self._attr.learn_from_egress(conn, value)
-            decoded.append((kraw, parts, value, conn))
+            if value.gen != prev.gen:
+                # A new connection took this key (the kernel retired the old flow): start over.
+                self._retired_seen[kraw] = prev
+                prev = Reported(prev.parts, prev.conn, gen=value.gen)
+                reported[kraw] = prev
+            if prev.parts[7]:  # egress: the socket's cookie and TCP health
+                learn(prev.conn, value)
+            decoded.append((kraw, prev, value))
         offset = _epoch_offset_ns()
-        for kraw, parts, value, conn in decoded:
-            keys_of_conn = self._conn_keys.get(conn)
-            if keys_of_conn is None:
-                self._conn_keys[conn] = {kraw}
-            else:
-                keys_of_conn.add(kraw)
-            reported[kraw] = (value.last_ns, value)
-            obs = self._observation(parts, value, conn, offset, EndCause.NONE)
+        for kraw, prev, value in decoded:
+            prev.last_ns = value.last_ns
+            prev.value = value
+            obs = self._observation(prev, value, offset, EndCause.NONE)
             if obs is not None:
                 index[kraw] = len(out)
                 out.append(obs)
 
-    def _observation(self, parts, value: layout.FlowValue, conn: ConnId, offset: int,
+    def _observation(self, seen: Reported, value: layout.FlowValue, offset: int,
                      end: EndCause) -> FlowObservation | None:
-        cookie, process = self._attr.resolve(conn, value.cookie if parts[7] else 0)
-        if process is None and self._attr.scoped:
+        parts, conn = seen.parts, seen.conn
+        egress_cookie = value.cookie if parts[7] else 0
+        stale = egress_cookie and egress_cookie != seen.cookie
+        if not seen.cookie or seen.process is None or stale:
+            # Not attributed yet (or the socket changed): resolve; then reuse while it holds.
+            seen.cookie, seen.process, seen.initiated = self._attr.resolve(conn, egress_cookie)
+        if seen.process is None and self._attr.scoped:
             return None
+        if seen.key is None:
+            inode = self._attacher.cookie_to_inode.get(parts[0])
+            if inode is None:
+                inode = self._netns_inode(parts[0])
+            seen.key = layout.flow_key(parts, inode)
         return FlowObservation(
-            key=layout.flow_key(parts, self._netns_inode(parts[0])),
-            ifindex=value.ifindex,
-            octets=value.octets,
-            packets=value.packets,
-            tcp_flags=value.tcp_flags & 0xFF,
-            first_ms=(value.first_ns + offset) // NS_PER_MS,
-            last_ms=(value.last_ns + offset) // NS_PER_MS,
-            socket_cookie=cookie,
-            process=process,
-            tcp=self._attr.health(conn) if parts[5] == TCP else None,
-            end=end,
+            seen.key,
+            value.ifindex,
+            value.octets,
+            value.packets,
+            value.tcp_flags & 0xFF,
+            (value.first_ns + offset) // NS_PER_MS,
+            (value.last_ns + offset) // NS_PER_MS,
+            seen.cookie,
+            seen.process,
+            self._attr.health(conn) if parts[5] == TCP else None,
+            end,
+            seen.initiated,
         )
 
-    def _remainder(self, parts, conn, value, reported, now_offset) -> FlowObservation:
-        before = reported[1]
-        rest = layout.FlowValue(
-            value.octets - before.octets, value.packets - before.packets,
-            before.last_ns + 1, value.last_ns, value.tcp_flags, value.cookie, value.cgroup_id,
-            value.retrans_packets, value.retrans_bytes, value.ifindex, value.seq_end,
-            value.srtt_us, value.min_rtt_us, value.snd_cwnd, value.state,
-        )
-        return self._observation(parts, rest, conn, now_offset, EndCause.NONE)  # type: ignore[return-value]
+    def _remainder(self, seen: Reported, value, offset: int) -> FlowObservation | None:
+        before = seen.value
+        rest = value._replace(octets=value.octets - before.octets,
+                              packets=value.packets - before.packets,
+                              first_ns=before.last_ns + 1)
+        return self._observation(seen, rest, offset, EndCause.NONE)
 
     def _forget_conn_key(self, conn: ConnId, kraw: bytes) -> None:
         keys = self._conn_keys.get(conn)
@@ -330,11 +378,37 @@ class FlowCollector:
             self._finish(event.cookie, conns, out, index)
             return
         for conn in conns:  # TCP: the flows may outlive the socket (ebpf/endings.py)
-            self._endings.add(conn, event.cookie, event.old_state)
+            gens = {k: self._reported[k].gen for k in layout.kernel_keys_of(conn)
+                    if k in self._reported}
+            self._endings.add(conn, event.cookie, event.old_state, gens)
+
+    def _retire(self, kraw: bytes, value: layout.FlowValue, out: list[FlowObservation]) -> None:
+        """The kernel restarted a flow entry for a new connection on the same 5-tuple; value
+        holds the old connection's final counters."""
+        seen = self._retired_seen.pop(kraw, None)
+        current = self._reported.get(kraw)
+        if seen is None:
+            if current is not None and current.gen == value.gen:
+                seen = current
+            else:
+                parts = layout.key_parts(kraw)
+                seen = Reported(parts, layout.conn_of(parts), gen=value.gen)
+        if current is None or current.gen == value.gen:
+            self._reported[kraw] = Reported(seen.parts, seen.conn, gen=value.gen + 1)
+        twin = self._reported.get(layout.twin_key(kraw))
+        twin_flags = twin.value.tcp_flags if twin is not None and twin.value is not None else 0
+        egress = seen.parts[7] == Direction.EGRESS
+        sent, received = (value.tcp_flags, twin_flags) if egress else (twin_flags, value.tcp_flags)
+        cause = _cause_from_flags(sent, received)
+        obs = self._observation(seen, value, _epoch_offset_ns(), cause)
+        if obs is not None:
+            out.append(obs)
 
     def _finish(self, cookie: int, conns, out: list[FlowObservation],
-                index: dict[bytes, int]) -> None:
-        """Take the flows' final counters out of the map and report them ended."""
+                index: dict[bytes, int], gens: dict[bytes, int] | None = None) -> None:
+        """Take the flows' final counters out of the map and report them ended. gens: the
+        generation each key had when the socket closed; a key the kernel has restarted since
+        belongs to a newer connection and is left alone."""
         offset = _epoch_offset_ns()
         for conn in conns:
             kraws = set(self._conn_keys.pop(conn, ()))
@@ -342,16 +416,23 @@ class FlowCollector:
                 kraws.update(layout.kernel_keys_of(conn))
             finals = []
             for kraw in kraws:
+                if gens and kraw in gens:
+                    now = bpfsys.lookup(self._flows_fd, kraw, FLOW_VAL.size)
+                    if now is None or layout.decode_value(now).gen != gens[kraw]:
+                        continue
                 raw = bpfsys.lookup_and_delete(self._flows_fd, kraw, FLOW_VAL.size)
-                self._reported.pop(kraw, None)
+                seen = self._reported.pop(kraw, None)
                 if raw is not None:
-                    finals.append((kraw, layout.key_parts(kraw), layout.decode_value(raw)))
-            for _, parts, value in finals:
-                if parts[7] == Direction.EGRESS:
+                    if seen is None:
+                        parts = layout.key_parts(kraw)
+                        seen = Reported(parts, layout.conn_of(parts))
+                    finals.append((kraw, seen, layout.decode_value(raw)))
+            for _, seen, value in finals:
+                if seen.parts[7] == Direction.EGRESS:
                     self._attr.learn_from_egress(conn, value)
             cause = _end_cause(conn[1], finals)
-            for kraw, parts, value in finals:
-                obs = self._observation(parts, value, conn, offset, cause)
+            for kraw, seen, value in finals:
+                obs = self._observation(seen, value, offset, cause)
                 if obs is None:
                     continue
                 if kraw in index:
@@ -368,11 +449,15 @@ def _end_cause(protocol: int, finals) -> EndCause:
     if protocol != TCP:
         return EndCause.CLOSED
     sent = received = 0
-    for _, parts, value in finals:
-        if parts[7] == Direction.EGRESS:
+    for _, seen, value in finals:
+        if seen.parts[7] == Direction.EGRESS:
             sent |= value.tcp_flags
         else:
             received |= value.tcp_flags
+    return _cause_from_flags(sent, received)
+
+
+def _cause_from_flags(sent: int, received: int) -> EndCause:
     if sent & TCP_RST:
         return EndCause.RST_SENT
     if received & TCP_RST:

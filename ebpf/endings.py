@@ -39,6 +39,7 @@ class Closing:
     cookie: int
     handover: bool
     deadline_ns: int
+    gens: dict[bytes, int]  # kernel key -> generation when the socket closed
 
 
 class Endings:
@@ -46,32 +47,34 @@ class Endings:
         self.closing: dict[ConnId, Closing] = {}
         self._fin_timeout_ns = fin_timeout_ns()
 
-    def add(self, conn: ConnId, cookie: int, old_state: int) -> None:
+    def add(self, conn: ConnId, cookie: int, old_state: int, gens: dict[bytes, int]) -> None:
         handover = old_state in HANDOVER_STATES
         deadline = time.monotonic_ns() + (self._fin_timeout_ns if handover else 0)
-        self.closing[conn] = Closing(cookie, handover, deadline)
+        self.closing[conn] = Closing(cookie, handover, deadline, gens)
 
-    def ready(self, reported: dict[bytes, tuple[int, layout.FlowValue]]
-              ) -> list[tuple[ConnId, int]]:
-        """(connection, cookie) pairs whose flows are final now; they leave the closing set."""
+    def ready(self, reported: dict) -> list[tuple[ConnId, int, dict[bytes, int]]]:
+        """(connection, cookie, generations) of connections whose flows are final now; they
+        leave the closing set."""
         now = time.monotonic_ns()
         done = []
         for conn, closing in self.closing.items():
-            sent = received = last_ns = 0
+            sent = received = last_ns = current = 0
             for kraw in layout.kernel_keys_of(conn):
-                seen = reported.get(kraw)
-                if seen is None:
-                    continue
-                last_ns = max(last_ns, seen[0])
-                if layout.key_parts(kraw)[7] == Direction.EGRESS:
-                    sent |= seen[1].tcp_flags
+                seen = reported.get(kraw)  # collector.Reported of the last poll
+                if seen is None or seen.value is None or seen.gen != closing.gens.get(kraw, 0):
+                    continue  # unseen, or a newer connection already took the key
+                current += 1
+                last_ns = max(last_ns, seen.last_ns)
+                if seen.parts[7] == Direction.EGRESS:
+                    sent |= seen.value.tcp_flags
                 else:
-                    received |= seen[1].tcp_flags
+                    received |= seen.value.tcp_flags
             quiet = now - last_ns >= SETTLE_NS
             finished = (sent | received) & TCP_RST or (sent & received & TCP_FIN)
-            timed_out = now >= closing.deadline_ns
+            # Every key retired by the kernel (a new connection on the 5-tuple): nothing to wait for.
+            timed_out = now >= closing.deadline_ns or (closing.gens and not current)
             if quiet and (finished or timed_out or not closing.handover):
-                done.append((conn, closing.cookie))
-        for conn, _ in done:
+                done.append((conn, closing.cookie, closing.gens))
+        for conn, _, _ in done:
             del self.closing[conn]
         return done

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ebpf.observation import ProcessInfo, TcpHealth
 
@@ -34,6 +34,7 @@ class ExistingSocket:
     uid: int
     state: int
     tcp: TcpHealth | None
+    accepted: bool = False  # TCP: a listener of this namespace has the same local port
 
 
 def _packed(family: int, words) -> bytes:
@@ -91,7 +92,16 @@ def scan_here() -> list[ExistingSocket]:
                             tcp=_health(msg) if protocol == socket.IPPROTO_TCP else None,
                         )
                     )
-    return found
+    listening = {(s.ip_version, s.local_port) for s in found
+                 if s.protocol == socket.IPPROTO_TCP and s.state == TCP_LISTEN_STATE}
+    listening_any = {port for _, port in listening}
+    return [
+        replace(s, accepted=True)
+        if s.protocol == socket.IPPROTO_TCP and s.state != TCP_LISTEN_STATE
+        and s.local_port in listening_any
+        else s
+        for s in found
+    ]
 
 
 def socket_owners() -> dict[int, int]:

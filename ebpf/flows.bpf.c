@@ -80,7 +80,7 @@ struct flow_val {
     __u32 snd_cwnd;
     __u32 state;
     __u32 seq_valid;
-    __u32 pad;
+    __u32 gen;             // bumped when a new connection reuses the key (see retire)
 };
 
 struct sock_info {
@@ -120,6 +120,7 @@ struct frag_ports {
 #define EV_TCP_CLOSE 1
 #define EV_TCP_DESTROY 2
 #define EV_SOCK_RELEASE 3
+#define EV_FLOW_RETIRED 4
 
 struct event {
     __u32 kind;
@@ -134,6 +135,15 @@ struct event {
     __u8 proto;
     __u8 pad[2];
     struct sock_info info;
+};
+
+// A connection ended and a new one took the same 5-tuple (a client port reused): the old
+// flow's final counters, sent before the entry restarts for the new connection.
+struct retired {
+    __u32 kind;
+    __u32 pad;
+    struct flow_key key;
+    struct flow_val val;
 };
 
 // Counters visible to the agent; every loss lands here.
@@ -324,6 +334,30 @@ static __always_inline struct flow_val *flow_entry(struct flow_key *key, __u64 n
     return flows.lookup(key);
 }
 
+static __always_inline void retire(struct flow_key *key, struct flow_val *v, __u64 now)
+{
+    struct retired *r = events.ringbuf_reserve(sizeof(struct retired));
+    if (r) {
+        r->kind = EV_FLOW_RETIRED;
+        r->pad = 0;
+        r->key = *key;
+        r->val = *v;
+        events.ringbuf_submit(r, 0);
+    } else {
+        count(CTR_EVENTS_LOST);
+    }
+    v->octets = 0;
+    v->packets = 0;
+    v->first_ns = now;
+    v->tcp_flags = 0;
+    v->cookie = 0;
+    v->cgroup_id = 0;
+    v->retrans_packets = 0;
+    v->retrans_bytes = 0;
+    v->seq_valid = 0;
+    v->gen += 1;
+}
+
 static __always_inline void account(struct __sk_buff *skb, struct pkt *p, __u8 direction,
                                     __u64 packets, __u64 bytes, __u64 now)
 {
@@ -331,6 +365,9 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, __u8 d
     struct flow_val *v = flow_entry(&p->key, now);
     if (!v)
         return;
+    // A SYN on a flow that already saw FIN or RST: a new connection on a reused 5-tuple.
+    if ((p->tcp_flags & TCP_SYN) && (v->tcp_flags & (TCP_FIN | TCP_RST)) && p->key.proto == PROTO_TCP)
+        retire(&p->key, v, now);
     __sync_fetch_and_add(&v->packets, packets);
     __sync_fetch_and_add(&v->octets, bytes);
     __u64 flags = p->tcp_flags;

@@ -14,9 +14,11 @@ installed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +40,19 @@ class KernelHeaders:
     cflags: tuple[str, ...] = ()
     matches_running_kernel: bool = False
 
-    def apply(self) -> None:
-        """Set the environment bcc reads at compile time (BCC_KERNEL_SOURCE)."""
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The environment bcc reads at compile time (BCC_KERNEL_SOURCE), set only meanwhile:
+        left behind, it would read as the operator's choice to the next find_headers()."""
+        saved = os.environ.get("BCC_KERNEL_SOURCE")
         os.environ.pop("BCC_KERNEL_SOURCE", None)
         os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            os.environ.pop("BCC_KERNEL_SOURCE", None)
+            if saved is not None:
+                os.environ["BCC_KERNEL_SOURCE"] = saved
 
     def describe(self) -> str:
         which = "running kernel" if self.matches_running_kernel else "fallback"

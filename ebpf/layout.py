@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ebpf.observation import Direction, FlowKey, ProcessInfo
 
@@ -27,6 +28,8 @@ U64 = struct.Struct("<Q")
 EV_TCP_CLOSE = 1
 EV_TCP_DESTROY = 2
 EV_SOCK_RELEASE = 3
+EV_FLOW_RETIRED = 4
+RETIRED_HEADER = struct.Struct("<I4x")
 
 CTR_NAMES = (
     "flow_map_full",
@@ -46,8 +49,10 @@ V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 ConnId = tuple[int, int, int, bytes, int, bytes, int]
 
 
-@dataclass(slots=True)
-class FlowValue:
+class FlowValue(NamedTuple):
+    """struct flow_val (a NamedTuple: built straight from struct.unpack, 3x cheaper than a
+    dataclass at 100k flows per poll)."""
+
     octets: int
     packets: int
     first_ns: int
@@ -63,10 +68,15 @@ class FlowValue:
     min_rtt_us: int
     snd_cwnd: int
     state: int
+    seq_valid: int = 0
+    gen: int = 0  # bumped when a new connection reuses the key
+
+
+_make_value = FlowValue._make
 
 
 def decode_value(raw: bytes, offset: int = 0) -> FlowValue:
-    return FlowValue(*FLOW_VAL.unpack_from(raw, offset)[:15])
+    return _make_value(FLOW_VAL.unpack_from(raw, offset))
 
 
 def key_parts(raw: bytes, offset: int = 0):
@@ -77,9 +87,12 @@ def key_parts(raw: bytes, offset: int = 0):
     return netns, saddr, daddr, sport, dport, proto, ipver, direction
 
 
+DIRECTIONS = (Direction.INGRESS, Direction.EGRESS)
+
+
 def flow_key(parts, netns_inode: int) -> FlowKey:
     _, saddr, daddr, sport, dport, proto, ipver, direction = parts
-    return FlowKey(netns_inode, Direction(direction), ipver, proto, saddr, daddr, sport, dport)
+    return FlowKey(netns_inode, DIRECTIONS[direction], ipver, proto, saddr, daddr, sport, dport)
 
 
 def conn_of(parts) -> ConnId:
@@ -99,6 +112,12 @@ def kernel_keys_of(conn: ConnId) -> list[bytes]:
         FLOW_KEY.pack(netns, laddr, raddr, lport, rport, proto, ipver, Direction.EGRESS),
         FLOW_KEY.pack(netns, raddr, laddr, rport, lport, proto, ipver, Direction.INGRESS),
     ]
+
+
+def twin_key(kraw: bytes) -> bytes:
+    """The kernel key of the other direction of the same connection."""
+    netns, saddr, daddr, sport, dport, proto, ipver, direction = FLOW_KEY.unpack(kraw)
+    return FLOW_KEY.pack(netns, daddr, saddr, dport, sport, proto, ipver, 1 - direction)
 
 
 def encode_key(key: FlowKey, netns_cookie: int) -> bytes:
@@ -132,6 +151,16 @@ def decode_sock_info(raw: bytes, offset: int = 0) -> SockInfo | None:
         return None
     name = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
     return SockInfo(netns, ProcessInfo(tgid, name, uid, cgroup_id), port, proto, origin)
+
+
+def decode_retired(raw: bytes) -> tuple[bytes, FlowValue]:
+    """(kernel key, final value) of an EV_FLOW_RETIRED record."""
+    start = RETIRED_HEADER.size
+    return raw[start : start + FLOW_KEY.size], decode_value(raw, start + FLOW_KEY.size)
+
+
+def event_kind(raw: bytes) -> int:
+    return RETIRED_HEADER.unpack_from(raw)[0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,10 @@ agent exits, even if it is killed.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +116,7 @@ class LoadedPrograms:
     cgroup_fd: int = -1
 
     def table_fd(self, name: str) -> int:
-        return self.bpf[name].get_fd()  # type: ignore[index]
+        return self.bpf[name.encode()].get_fd()  # type: ignore[index]
 
     def tc_programs(self, netns_cookie: int) -> Programs:
         """The counting programs for one network namespace (the caller closes their fds)."""
@@ -153,7 +155,7 @@ def import_bcc():
     return bcc
 
 
-def compile_module(max_flows: int, max_socks: int, ringbuf_pages: int = 256):
+def compile_module(max_flows: int, max_socks: int, ringbuf_pages: int = 1024):
     """Compile flows.bpf.c; returns (bcc.BPF, KernelHeaders)."""
     if os.geteuid() != 0:
         raise EbpfUnavailable(
@@ -161,7 +163,6 @@ def compile_module(max_flows: int, max_socks: int, ringbuf_pages: int = 256):
         )
     bcc = import_bcc()
     headers = find_headers()
-    headers.apply()
     if tracefs_mount() is None:
         raise EbpfUnavailable("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
     cflags = [
@@ -170,15 +171,32 @@ def compile_module(max_flows: int, max_socks: int, ringbuf_pages: int = 256):
         f"-DRINGBUF_PAGES={ringbuf_pages}",
         *headers.cflags,
     ]
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            module = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags)
-    except Exception as exc:
-        raise EbpfUnavailable(
-            f"bcc could not compile {SOURCE.name} with headers {headers.describe()}: {exc}"
-        ) from exc
+    with tempfile.TemporaryFile() as diagnostics:
+        try:
+            with _stderr_to(diagnostics), headers.applied():
+                module = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        except Exception as exc:
+            diagnostics.seek(0)
+            errors = [line for line in diagnostics.read().decode(errors="replace").splitlines()
+                      if "error" in line.lower()]
+            detail = errors[0].strip() if errors else str(exc)
+            raise EbpfUnavailable(
+                f"bcc could not compile {SOURCE.name} with headers {headers.describe()}: {detail}"
+            ) from exc
     return module, headers
+
+
+@contextlib.contextmanager
+def _stderr_to(file) -> Iterator[None]:
+    """Send file descriptor 2 (where clang and libbpf write) to file meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def load(cgroup: str | None, max_flows: int, max_socks: int) -> LoadedPrograms:
@@ -189,12 +207,12 @@ def load(cgroup: str | None, max_flows: int, max_socks: int) -> LoadedPrograms:
     BPF = bcc.BPF
     loaded: LoadedPrograms | None = None
     try:
-        tc_code = {name: module.dump_func(name) for name in TC_PROGRAMS}
+        tc_code = {name: module.dump_func(name.encode()) for name in TC_PROGRAMS}
         loaded = LoadedPrograms(module, headers, target, tc_code)
         loaded.tc_programs(0).close()  # let the verifier see them once now: fail early
         loaded.cgroup_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         for func, prog_type, attach_type in CGROUP_PROGRAMS:
-            fn = module.load_func(func, getattr(BPF, prog_type), attach_type=attach_type)
+            fn = module.load_func(func.encode(), getattr(BPF, prog_type), attach_type=attach_type)
             try:
                 link = bpfsys.link_create(fn.fd, loaded.cgroup_fd, attach_type)
             except OSError as exc:

@@ -78,6 +78,9 @@ class FlowObservation:
     process: ProcessInfo | None = None
     tcp: TcpHealth | None = None
     end: EndCause = EndCause.NONE  # not NONE: the kernel has seen the flow end; this is final
+    # TCP: True when the local socket connected, False when it was accepted; None: unknown
+    # (UDP, ICMP, or a connection that existed before the agent and had no listener here).
+    local_initiated: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

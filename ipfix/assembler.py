@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 from ipfix.errors import IpfixError
-from ipfix.packer import RecordPacker
+from ipfix.packer import PackedRecords
 
 SET_HEADER = struct.Struct(">HH")
 
@@ -18,51 +18,48 @@ def make_set(set_id: int, payload: bytes, align: int) -> bytes:
     return SET_HEADER.pack(set_id, 4 + len(payload) + padding) + payload + b"\0" * padding
 
 
-def _set_size(payload_length: int, align: int) -> int:
-    return 4 + payload_length + (-(payload_length + 4) % align)
+def _set_size(span: tuple[int, int], align: int) -> int:
+    length = span[1] - span[0]
+    return 4 + length + (-(length + 4) % align)
 
 
 def data_bodies(
-    runs: Iterable[tuple[RecordPacker, Sequence[dict]]], max_body: int, align: int
-) -> Iterator[tuple[bytes, int]]:
-    """Message bodies (concatenated sets) and how many records each holds. Runs keep the input
-    order; a body may hold several sets (an IPv4 set, then an IPv6 set, ...). Never an empty set."""
-    sets: list[bytes] = []
+    runs: Iterable[tuple[int, PackedRecords]], max_body: int, align: int
+) -> Iterator[tuple[list[bytes], int, int]]:
+    """Message bodies: (parts to concatenate, their total length, how many records). Runs are
+    (template id, packed records) and keep their order; a body may hold several sets (an IPv4
+    set, then an IPv6 set, ...). Never an empty set."""
+    parts: list[bytes] = []
     used = 0
     count = 0
-    for packer, records in runs:
-        template_id = packer.template.template_id
-        payloads = [packer.pack_one(r) for r in records] if packer.variable else None
-        pos, total = 0, len(records)
+    pack_header = SET_HEADER.pack
+    for template_id, packed in runs:
+        data = packed.data
+        pos, total = 0, packed.count
         while pos < total:
             room = max_body - used
-            if payloads is None:
-                size = packer.record_length
-                k = min(total - pos, max(room - 4, 0) // size)
-                while k and _set_size(k * size, align) > room:
-                    k -= 1
-            else:
-                k, length = 0, 0
-                while pos + k < total and _set_size(length + len(payloads[pos + k]), align) <= room:
-                    length += len(payloads[pos + k])
-                    k += 1
+            k = packed.take(pos, room - 4)
+            if align > 1:
+                while k and _set_size(packed.span(pos, k), align) > room:
+                    k -= 1  # v9: the padding did not fit
             if k == 0:
-                if not sets:
+                if not parts:
                     raise IpfixError(
                         f"a record of template {template_id} does not fit in a message of "
                         f"{max_body} bytes after the header"
                     )
-                yield b"".join(sets), count
-                sets, used, count = [], 0, 0
+                yield parts, used, count
+                parts, used, count = [], 0, 0
                 continue
-            chunk = records[pos : pos + k]
-            payload = (
-                packer.pack_set(chunk) if payloads is None else b"".join(payloads[pos : pos + k])
-            )
-            data_set = make_set(template_id, payload, align)
-            sets.append(data_set)
-            used += len(data_set)
+            start, end = packed.span(pos, k)
+            length = end - start
+            padding = -(length + 4) % align
+            parts.append(pack_header(template_id, 4 + length + padding))
+            parts.append(data[start:end])
+            if padding:
+                parts.append(bytes(padding))
+            used += 4 + length + padding
             count += k
             pos += k
-    if sets:
-        yield b"".join(sets), count
+    if parts:
+        yield parts, used, count

@@ -52,9 +52,16 @@ class IpfixEncoder:
         return HEADER.pack(VERSION, HEADER.size + body_length, export_time, sequence, domain_id)
 
     def wrap(self, body: bytes, records: int, now_ms: int) -> bytes:
-        message = self.header(len(body), now_ms // 1000, self.sequence, self.domain_id) + body
+        return self.wrap_parts([body], len(body), records, now_ms)
+
+    def wrap_parts(self, parts: list[bytes], length: int, records: int, now_ms: int) -> bytes:
+        """A message of a body given as parts (consumed) of `length` bytes in all."""
+        header = HEADER.pack(
+            VERSION, HEADER.size + length, now_ms // 1000, self.sequence, self.domain_id
+        )
+        parts.insert(0, header)
         self.sequence = (self.sequence + records) % SEQUENCE_MODULO
-        return message
+        return b"".join(parts)
 
     def template_messages(self, now_ms: int) -> list[bytes]:
         """All data templates, in as few template-only messages as the size limit allows."""

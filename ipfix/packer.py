@@ -1,18 +1,27 @@
-"""One precompiled packer per template: records (dicts keyed by IE name) to data-record bytes.
+"""One precompiled packer per template: rows (tuples in the template's field order) to the bytes
+of data records.
 
-The hot path is a single struct call for a whole data set: the format of one record repeated n
-times, fed by operator.itemgetter rows. Anything unusual (a missing key, a value out of range,
-strings, v9's relative times) falls back to the careful per-record path, which fixes or refuses
-the value, so the fast path never has to check anything.
+A row holds the values a record dict would hold, in `template.keys` order: addresses as packed
+bytes, strings as str, times as epoch milliseconds (v9/v5 rebase them to sysUptime here). The hot
+path is `struct` work with no Python per field:
+- a template of plain numbers and bytes packs with `starmap(Struct.pack, rows)`;
+- anything else (v9/v5 relative times, strings) gets one generated function per template that
+  unpacks a row and makes one struct call per fixed-length stretch; a string is encoded once per
+  distinct value (process names repeat for every flow of a process) and looked up after that.
+Anything unusual (a value out of range, a wrong type, None) makes the fast path raise; the careful
+per-row path then fixes or refuses each value, so the fast path never has to check anything.
 """
 
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from itertools import chain
+from dataclasses import dataclass
+from itertools import accumulate, repeat, starmap
 from operator import itemgetter
 
+from ipfix.elements import BYTES_TYPES
 from ipfix.errors import IpfixError
 from ipfix.template import Template, TemplateField
 
@@ -23,6 +32,11 @@ _SIGNED = {1: "b", 2: "h", 4: "i", 8: "q"}
 _MASKED = frozenset(
     {"tcpControlBits", "reverseTcpControlBits", "CLIENT_TCP_FLAGS", "SERVER_TCP_FLAGS"}
 )
+# Distinct strings remembered per field; past this the cache starts over (a bound, not an LRU:
+# process names and interface names are few, so it is almost never reached).
+STRING_CACHE_LIMIT = 4096
+# What the fast path raises on a value it cannot take as it is.
+_FAST_PATH_ERRORS = (struct.error, TypeError, ValueError, OverflowError)
 
 
 def _format_char(f: TemplateField) -> str:
@@ -46,111 +60,209 @@ def encode_variable(value: bytes) -> bytes:
     return b"\xff" + n.to_bytes(2, "big") + value
 
 
+def row_default(f: TemplateField) -> object:
+    """The value a row carries for a key the record lacks: encodes like the careful path's."""
+    t = f.element.type
+    if t == "string":
+        return ""
+    if t in BYTES_TYPES:
+        return b"" if f.variable else bytes(f.length)
+    return f.default
+
+
+def fit_value(f: TemplateField, value: object, boot_ms: int = 0) -> object:
+    """One value made to fit its field: defaults for None, strings encoded, numbers saturated
+    (flags masked), v9/v5 times rebased. Raises IpfixError for what cannot be fixed."""
+    if value is None:
+        value = f.default
+    t = f.element.type
+    try:
+        if t == "string":
+            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            if not f.variable:
+                return data[: f.length].ljust(f.length, b"\0")
+            return data[:65535]
+        if t in BYTES_TYPES:
+            data = bytes(value) if value != 0 else b""
+            if f.variable:
+                return data[:65535]
+            if t == "octetArray":
+                return data[: f.length].ljust(f.length, b"\0")
+            if len(data) not in (0, f.length):
+                raise IpfixError(f"record field '{f.key}': {len(data)} bytes, expected {f.length}")
+            return data.ljust(f.length, b"\0")
+        if t.startswith("float"):
+            return float(value)
+        number = int(value)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise IpfixError(f"record field '{f.key}': bad value {value!r} ({exc})") from None
+    if f.relative_time:
+        number -= boot_ms
+    bits = 8 * f.length
+    if t.startswith("signed"):
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        return min(max(number, low), high)
+    if f.key in _MASKED:
+        return number & ((1 << bits) - 1)
+    number = min(max(number, 0), (1 << bits) - 1)
+    if f.length not in _UNSIGNED:
+        return number.to_bytes(f.length, "big")
+    return number
+
+
+class _Encoded(dict):
+    """value -> its wire bytes, computed on first sight; `cache[value]` is a C dict lookup."""
+
+    def __init__(self, convert: Callable[[object], bytes]) -> None:
+        super().__init__()
+        self.convert = convert
+
+    def __missing__(self, value: object) -> bytes:
+        data = self.convert(value)
+        if len(self) >= STRING_CACHE_LIMIT:
+            self.clear()
+        self[value] = data
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class PackedRecords:
+    """Data records packed back to back. Fixed-length templates: record i is at
+    i * record_length. Variable-length: `ends[i]` is where record i ends."""
+
+    data: bytes
+    count: int
+    record_length: int
+    ends: list[int] | None = None
+
+    def take(self, start: int, room: int) -> int:
+        """How many records from `start` fit in `room` bytes (at most all that are left)."""
+        if self.ends is None:
+            return min(self.count - start, max(room, 0) // self.record_length)
+        offset = self.ends[start - 1] if start else 0
+        return bisect_right(self.ends, offset + room, start) - start
+
+    def span(self, start: int, count: int) -> tuple[int, int]:
+        """Byte offsets of records [start, start + count)."""
+        if self.ends is None:
+            return start * self.record_length, (start + count) * self.record_length
+        return (self.ends[start - 1] if start else 0), self.ends[start + count - 1]
+
+
 class RecordPacker:
-    """Packs records for one template. `boot_ms` is read for v9 relative times."""
+    """Packs rows (or record dicts, converted once) for one template."""
 
     def __init__(self, template: Template) -> None:
         self.template = template
         self.fields = template.fields
         self.variable = template.variable
         self.record_length = template.record_length
-        self.boot_ms = 0
-        self._keys = template.keys
-        self._defaults = {f.key: f.default for f in self.fields}
-        self._record_format = "".join(_format_char(f) for f in self.fields)
-        self._structs: dict[int, struct.Struct] = {}
-        self._one = struct.Struct(">" + self._record_format) if not self.variable else None
-        # The fast path needs values struct takes as they are: no strings to encode.
-        self._plain = not any(f.element.type == "string" or f.variable for f in self.fields)
-        getter = itemgetter(*self._keys)
-        rebased = [i for i, f in enumerate(self.fields) if f.relative_time]
-        self._row: Callable[[dict], Sequence]
-        if rebased:
-            self._row = self._rebasing_row(getter, rebased)
-        elif len(self._keys) > 1:
-            self._row = getter
-        else:
-            self._row = lambda r, g=getter: (g(r),)
+        self.keys = template.keys
+        self.row_defaults = tuple(row_default(f) for f in self.fields)
+        self._defaults = dict(zip(self.keys, self.row_defaults, strict=True))
+        getter = itemgetter(*self.keys)
+        self._getter: Callable[[dict], tuple] = (
+            getter if len(self.keys) > 1 else (lambda r, g=getter: (g(r),))
+        )
+        self._one = struct.Struct(">" + "".join(map(_format_char, self.fields)))
+        self._plain = not any(
+            f.variable or f.relative_time or f.element.type == "string" for f in self.fields
+        )
+        self._pack_row = _compile(self.fields)
 
-    def _rebasing_row(self, getter: Callable[[dict], tuple], rebased: list[int]) -> Callable:
-        def row(record: dict) -> list:
-            values = list(getter(record))
-            for i in rebased:
-                values[i] -= self.boot_ms
-            return values
+    # -- dicts --------------------------------------------------------------------------------
 
-        return row
-
-    def pack_set(self, records: Sequence[dict]) -> bytes:
-        """The data records of one set, concatenated (fixed-length templates only)."""
-        if self._plain:
-            n = len(records)
-            packer = self._structs.get(n)
-            if packer is None:
-                packer = self._structs[n] = struct.Struct(">" + self._record_format * n)
-            try:
-                return packer.pack(*chain.from_iterable(map(self._row, records)))
-            except KeyError:
-                # Records without the profile's defaulted keys: complete them, then retry.
-                defaults = self._defaults
-                completed = [{**defaults, **r} for r in records]
-                try:
-                    return packer.pack(*chain.from_iterable(map(self._row, completed)))
-                except (KeyError, struct.error, TypeError):
-                    pass
-            except (struct.error, TypeError):
-                pass
-        return b"".join(map(self.pack_one, records))
+    def rows(self, records: Sequence[dict]) -> list[tuple]:
+        """Record dicts as rows; keys a record lacks take the template's defaults."""
+        try:
+            return list(map(self._getter, records))
+        except KeyError:
+            defaults = self._defaults
+            return [self._getter({**defaults, **r}) for r in records]
 
     def pack_one(self, record: dict) -> bytes:
-        """One record, carefully: defaults for missing keys, values made to fit, strings encoded."""
-        values = [self._value(f, record) for f in self.fields]
-        if self._one is not None:
+        """One record dict, carefully (options data, a few records)."""
+        return self.pack_careful(tuple(map(record.get, self.keys)), 0)
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    def pack(self, rows: Sequence[tuple], boot_ms: int = 0) -> PackedRecords:
+        """All rows, back to back. `boot_ms`: the v9/v5 virtual boot epoch (relative times)."""
+        try:
+            if self._plain:
+                records = list(starmap(self._one.pack, rows))
+            else:
+                records = list(map(self._pack_row, rows, repeat(boot_ms)))
+        except _FAST_PATH_ERRORS:
+            records = [self._pack_or_fix(row, boot_ms) for row in rows]
+        if self.variable:
+            ends = list(accumulate(map(len, records)))
+            return PackedRecords(b"".join(records), len(records), 0, ends)
+        return PackedRecords(b"".join(records), len(records), self.record_length)
+
+    def _pack_or_fix(self, row: tuple, boot_ms: int) -> bytes:
+        try:
+            if self._plain:
+                return self._one.pack(*row)
+            return self._pack_row(row, boot_ms)
+        except _FAST_PATH_ERRORS:
+            return self.pack_careful(row, boot_ms)
+
+    def pack_careful(self, row: Sequence, boot_ms: int = 0) -> bytes:
+        """One row, every value checked and made to fit (or refused with IpfixError)."""
+        if len(row) != len(self.fields):
+            raise IpfixError(
+                f"template {self.template.template_id}: a row of {len(row)} values for "
+                f"{len(self.fields)} fields"
+            )
+        values = [fit_value(f, v, boot_ms) for f, v in zip(self.fields, row, strict=True)]
+        if not self.variable:
             return self._one.pack(*values)
         parts = []
         for f, value in zip(self.fields, values, strict=True):
             if f.variable:
-                parts.append(encode_variable(value))
+                parts.append(encode_variable(value))  # type: ignore[arg-type]
             else:
                 parts.append(struct.pack(">" + _format_char(f), value))
         return b"".join(parts)
 
-    def _value(self, f: TemplateField, record: dict) -> object:
-        value = record.get(f.key)
-        if value is None:
-            value = f.default
-        t = f.element.type
-        try:
-            if t == "string":
-                data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-                if not f.variable:
-                    return data[: f.length].ljust(f.length, b"\0")
-                return data[:65535]
-            if t in ("ipv4Address", "ipv6Address", "macAddress", "octetArray"):
-                data = bytes(value) if value != 0 else b""
-                if f.variable:
-                    return data[:65535]
-                if t == "octetArray":
-                    return data[: f.length].ljust(f.length, b"\0")
-                if len(data) not in (0, f.length):
-                    raise IpfixError(
-                        f"record field '{f.key}': {len(data)} bytes, expected {f.length}"
-                    )
-                return data.ljust(f.length, b"\0")
-            if t.startswith("float"):
-                return float(value)
-            number = int(value)
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise IpfixError(f"record field '{f.key}': bad value {value!r} ({exc})") from None
-        if f.relative_time:
-            number -= self.boot_ms
-        bits = 8 * f.length
-        if t.startswith("signed"):
-            low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-            return min(max(number, low), high)
-        if f.key in _MASKED:
-            return number & ((1 << bits) - 1)
-        number = min(max(number, 0), (1 << bits) - 1)
-        if f.length not in _UNSIGNED:
-            return number.to_bytes(f.length, "big")
-        return number
+
+def _compile(fields: tuple[TemplateField, ...]) -> Callable[[tuple, int], bytes]:
+    """A function (row, boot_ms) -> record bytes for this template, generated once: it unpacks
+    the row into locals and makes one struct call per stretch of fixed-length fields; strings go
+    through per-field caches of their encoded form; relative times subtract the boot epoch."""
+    namespace: dict[str, object] = {}
+    parts: list[str] = []
+    stretch: list[str] = []
+    stretch_format: list[str] = []
+
+    def close_stretch() -> None:
+        if stretch:
+            name = f"pack{len(parts)}"
+            namespace[name] = struct.Struct(">" + "".join(stretch_format)).pack
+            parts.append(f"{name}({', '.join(stretch)})")
+            stretch.clear()
+            stretch_format.clear()
+
+    for i, f in enumerate(fields):
+        value = f"a{i}"
+        if f.variable:
+            close_stretch()
+            name = f"var{i}"
+            namespace[name] = _Encoded(lambda v, f=f: encode_variable(fit_value(f, v)))
+            parts.append(f"{name}[{value}]")
+            continue
+        if f.element.type == "string":
+            name = f"text{i}"
+            namespace[name] = _Encoded(lambda v, f=f: fit_value(f, v))
+            value = f"{name}[{value}]"
+        elif f.relative_time:
+            value = f"{value} - boot_ms"
+        stretch.append(value)
+        stretch_format.append(_format_char(f))
+    close_stretch()
+    unpack = ", ".join(f"a{i}" for i in range(len(fields)))
+    body = " + ".join(parts) if parts else 'b""'
+    source = f"def pack_row(row, boot_ms):\n    ({unpack},) = row\n    return {body}\n"
+    exec(compile(source, f"<packer of {len(fields)} fields>", "exec"), namespace)
+    return namespace["pack_row"]  # type: ignore[return-value]

@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
-from operator import contains
+from operator import contains, itemgetter
 
 from ipfix.assembler import data_bodies
 from ipfix.errors import IpfixError
@@ -14,6 +14,7 @@ from ipfix.ipfix_encoder import IpfixEncoder
 from ipfix.options import STATS_FIELDS, STATS_SCOPE, check_stats
 from ipfix.packer import RecordPacker
 from ipfix.profile import Profile
+from ipfix.uptime import UptimeClock
 from ipfix.v5_encoder import V5Encoder
 from ipfix.v9_encoder import V9Encoder
 
@@ -22,6 +23,20 @@ IPV6_KEY = "sourceIPv6Address"
 
 def _has_ipv6(records: Sequence[dict]) -> bool:
     return any(map(contains, records, repeat(IPV6_KEY)))
+
+
+def _time_getters(
+    packer: RecordPacker, missing: int
+) -> tuple[Callable[[tuple], int], Callable[[tuple], int]]:
+    """Getters of a row's flow start and end (epoch ms); `missing` when the template has none."""
+    keys = packer.keys
+    getters = []
+    for name in ("flowStartMilliseconds", "flowEndMilliseconds"):
+        if name in keys:
+            getters.append(itemgetter(keys.index(name)))
+        else:
+            getters.append(lambda row, value=missing: value)
+    return getters[0], getters[1]
 
 
 class ExportSession:
@@ -87,6 +102,15 @@ class ExportSession:
         """The data templates by address family (4, 6); empty for v5."""
         return {} if isinstance(self._encoder, V5Encoder) else dict(self._encoder.templates)
 
+    def row_layout(self, family: int) -> tuple[tuple[str, object], ...]:
+        """The rows `encode_rows` takes for an address family (4, 6): (record key, value when the
+        record has none) in row order. Empty when the protocol cannot carry the family (IPv6 in
+        v5): such rows are refused and counted."""
+        packer = self._packer(family)
+        if packer is None:
+            return ()
+        return tuple(zip(packer.keys, packer.row_defaults, strict=True))
+
     def encode(self, records: Sequence[dict]) -> list[bytes]:
         """Complete messages, each within max_message_size (v5: 30 records), templates first
         whenever they are due."""
@@ -98,26 +122,105 @@ class ExportSession:
                 kept = [r for r in records if IPV6_KEY not in r]
                 self.refused_records += len(records) - len(kept)
                 records = kept
-            messages, refused = encoder.packets(records, now_ms)
+            header_ms, records, refused, _ = encoder.uptime.stamp(now_ms, records)
             self.refused_records += refused
-            return self._count(messages, len(records) - refused)
+            rows = encoder.packer.rows(records)
+            return self._count(encoder.packets(rows, header_ms), len(rows))
         header_ms = now_ms
         if isinstance(encoder, V9Encoder):
             header_ms, records, refused, moved = encoder.uptime.stamp(now_ms, records)
-            assert encoder.uptime.boot_ms is not None
-            encoder.set_boot(encoder.uptime.boot_ms)
             self.refused_records += refused
             if moved:
                 self._last_templates = None  # a new time base: resend templates at once
+        runs = [(packer, packer.rows(run)) for packer, run in self._runs(records, encoder.packers)]
+        return self._data_messages(runs, header_ms, now)
+
+    def encode_rows(self, family: int, rows: Sequence[tuple]) -> list[bytes]:
+        """As `encode`, for rows of one address family laid out as `row_layout(family)` says:
+        what the agent builds straight from its flow cache, with no dict per record."""
+        return self.encode_runs([(family, rows)])
+
+    def encode_runs(self, runs: Sequence[tuple[int, Sequence[tuple]]]) -> list[bytes]:
+        """Several (family, rows) runs in this order; sets of different families share
+        messages where they fit."""
+        now = self.clock()
+        now_ms = int(now * 1000)
+        encoder = self._encoder
+        packed_runs = []
+        for family, rows in runs:
+            packer = self._packer(family)
+            if packer is None:
+                self.refused_records += len(rows)
+            elif rows:
+                packed_runs.append((packer, rows))
+        if isinstance(encoder, V5Encoder):
+            rows = [row for _, run in packed_runs for row in run]
+            header_ms, kept, _ = self._stamp_rows(encoder.uptime, now_ms, [(encoder.packer, rows)])
+            rows = kept[0][1] if kept else []
+            return self._count(encoder.packets(rows, header_ms), len(rows))
+        header_ms = now_ms
+        if isinstance(encoder, V9Encoder):
+            header_ms, packed_runs, moved = self._stamp_rows(encoder.uptime, now_ms, packed_runs)
+            if moved:
+                self._last_templates = None  # a new time base: resend templates at once
+        return self._data_messages(packed_runs, header_ms, now)
+
+    def _packer(self, family: int) -> RecordPacker | None:
+        encoder = self._encoder
+        if isinstance(encoder, V5Encoder):
+            return encoder.packer if family == 4 else None
+        if family not in encoder.packers:
+            raise IpfixError(f"address family {family}: expected 4 or 6")
+        return encoder.packers[family]
+
+    def _stamp_rows(
+        self, uptime: UptimeClock, now_ms: int, runs: list[tuple[RecordPacker, Sequence[tuple]]]
+    ) -> tuple[int, list[tuple[RecordPacker, Sequence[tuple]]], bool]:
+        """The v9/v5 time base for rows: (header time, runs without the rows it cannot carry,
+        whether the epoch moved)."""
+        earliest: int | None = None
+        latest: int | None = None
+        for packer, rows in runs:
+            if not rows:
+                continue
+            start, end = _time_getters(packer, now_ms)
+            try:
+                ends = list(map(end, rows))
+                low = min(min(map(start, rows)), min(ends))
+                high = max(ends)
+            except TypeError:
+                raise IpfixError("rows: flow times must be integers (epoch ms)") from None
+            earliest = low if earliest is None else min(earliest, low)
+            latest = high if latest is None else max(latest, high)
+        header_ms, moved = uptime.advance(now_ms, earliest, latest)
+        boot = uptime.boot_ms
+        assert boot is not None
+        if earliest is None or earliest >= boot:
+            return header_ms, runs, moved
+        kept_runs = []
+        for packer, rows in runs:
+            start, end = _time_getters(packer, header_ms)
+            kept = [row for row in rows if start(row) >= boot and end(row) >= boot]
+            self.refused_records += len(rows) - len(kept)
+            if kept:
+                kept_runs.append((packer, kept))
+        return header_ms, kept_runs, moved
+
+    def _data_messages(
+        self, runs: list[tuple[RecordPacker, Sequence[tuple]]], header_ms: int, now: float
+    ) -> list[bytes]:
+        encoder = self._encoder
+        assert not isinstance(encoder, V5Encoder)
+        boot_ms = (encoder.uptime.boot_ms or 0) if isinstance(encoder, V9Encoder) else 0
+        packed = [(p.template.template_id, p.pack(rows, boot_ms)) for p, rows in runs if rows]
         messages: list[bytes] = []
         sent = 0
         max_body = self.max_message_size - encoder.header_length
-        for body, count in data_bodies(
-            self._runs(records, encoder.packers), max_body, encoder.align
-        ):
+        wrap = encoder.wrap_parts
+        for parts, length, count in data_bodies(packed, max_body, encoder.align):
             if self._templates_due(now):
                 messages += self._templates(header_ms, now)
-            messages.append(encoder.wrap(body, count, header_ms))
+            messages.append(wrap(parts, length, count, header_ms))
             self._messages_since_templates += 1
             sent += count
         return self._count(messages, sent)

@@ -29,8 +29,7 @@ class UptimeClock:
 
         The header time is rounded up to the next whole second for v9 so that no flow ends after
         sysUptime; records ending later than the clock (replayed data) move it forward too."""
-        header_ms = now_ms
-        earliest = now_ms
+        earliest = latest = None
         if records:
             try:
                 starts = list(map(_START, records))
@@ -38,17 +37,11 @@ class UptimeClock:
             except KeyError:
                 starts = [r.get("flowStartMilliseconds", now_ms) for r in records]
                 ends = [r.get("flowEndMilliseconds", now_ms) for r in records]
-            header_ms = max(header_ms, max(ends))
+            latest = max(ends)
             earliest = min(min(starts), min(ends))
-        if self.whole_seconds:
-            header_ms = -(-header_ms // 1000) * 1000
-        moved = False
+        header_ms, moved = self.advance(now_ms, earliest, latest)
         boot = self.boot_ms
-        if boot is None or earliest < boot or header_ms - boot > UPTIME_LIMIT_MS:
-            boot = max(min(earliest, header_ms - BOOT_MARGIN_MS), header_ms - UPTIME_LIMIT_MS)
-            moved = self.boot_ms is not None and boot != self.boot_ms
-            self.boot_ms = boot
-        if earliest >= boot:
+        if earliest is None or earliest >= boot:
             return header_ms, list(records), 0, moved
         kept = [
             r
@@ -57,3 +50,19 @@ class UptimeClock:
             and r.get("flowEndMilliseconds", header_ms) >= boot
         ]
         return header_ms, kept, len(records) - len(kept), moved
+
+    def advance(self, now_ms: int, earliest: int | None, latest: int | None) -> tuple[int, bool]:
+        """(header time in ms, epoch moved) for records whose times span earliest..latest (None:
+        no records). Afterwards `boot_ms` is set; records before it cannot be carried."""
+        header_ms = now_ms if latest is None else max(now_ms, latest)
+        if earliest is None:
+            earliest = now_ms
+        if self.whole_seconds:
+            header_ms = -(-header_ms // 1000) * 1000
+        moved = False
+        boot = self.boot_ms
+        if boot is None or earliest < boot or header_ms - boot > UPTIME_LIMIT_MS:
+            boot = max(min(earliest, header_ms - BOOT_MARGIN_MS), header_ms - UPTIME_LIMIT_MS)
+            moved = self.boot_ms is not None and boot != self.boot_ms
+            self.boot_ms = boot
+        return header_ms, moved

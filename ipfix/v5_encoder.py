@@ -57,19 +57,19 @@ class V5Encoder:
         self.packer = RecordPacker(v5_template())
         self.sequence = 0  # flows sent before this packet
 
-    def packets(self, records: Sequence[dict], now_ms: int) -> tuple[list[bytes], int]:
-        """The packets, and how many records were too old for a 32-bit sysUptime."""
-        header_ms, records, refused, _ = self.uptime.stamp(now_ms, records)
-        assert self.uptime.boot_ms is not None
-        self.packer.boot_ms = self.uptime.boot_ms
-        uptime = header_ms - self.uptime.boot_ms
+    def packets(self, rows: Sequence[tuple], header_ms: int) -> list[bytes]:
+        """The packets for rows of the v5 template; `uptime` has been stamped for them."""
+        boot_ms = self.uptime.boot_ms
+        assert boot_ms is not None
+        uptime = header_ms - boot_ms
         secs, msecs = divmod(header_ms, 1000)
+        data = self.packer.pack(rows, boot_ms).data
         packets = []
-        for start in range(0, len(records), MAX_RECORDS):
-            chunk = records[start : start + MAX_RECORDS]
+        for start in range(0, len(rows), MAX_RECORDS):
+            count = min(MAX_RECORDS, len(rows) - start)
             header = HEADER.pack(
                 VERSION,
-                len(chunk),
+                count,
                 uptime,
                 secs,
                 msecs * 1_000_000,
@@ -78,6 +78,7 @@ class V5Encoder:
                 self.engine_id,
                 0,  # sampling_interval 0: unsampled
             )
-            packets.append(header + self.packer.pack_set(chunk))
-            self.sequence = (self.sequence + len(chunk)) % SEQUENCE_MODULO
-        return packets, refused
+            offset = start * RECORD_LENGTH
+            packets.append(header + data[offset : offset + count * RECORD_LENGTH])
+            self.sequence = (self.sequence + count) % SEQUENCE_MODULO
+        return packets

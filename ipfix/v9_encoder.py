@@ -54,10 +54,6 @@ class V9Encoder:
         self._sampling = RecordPacker(_v9_options_template(system, V9_SAMPLING_FIELDS, taken))
         self._interfaces = RecordPacker(_v9_options_template(interface, ("interfaceName",), taken))
 
-    def set_boot(self, boot_ms: int) -> None:
-        for packer in self.packers.values():
-            packer.boot_ms = boot_ms
-
     def _packet(self, body: bytes, count: int, header_ms: int) -> bytes:
         # One clock reading: unix_secs is header_ms in whole seconds (header_ms is rounded up to
         # one), and sysUptime is the same instant measured from the virtual boot.
@@ -71,6 +67,10 @@ class V9Encoder:
 
     def wrap(self, body: bytes, records: int, header_ms: int) -> bytes:
         return self._packet(body, records, header_ms)
+
+    def wrap_parts(self, parts: list[bytes], length: int, records: int, header_ms: int) -> bytes:
+        """A packet of a body given as parts (consumed); v9's header does not hold the length."""
+        return self._packet(b"".join(parts), records, header_ms)
 
     def template_messages(self, header_ms: int) -> list[bytes]:
         if self.uptime.boot_ms is None:

@@ -42,6 +42,7 @@ class Stream:
     records: list[dict]
     datagrams: list[bytes] = field(default_factory=list)
     refused: int = 0
+    messages_before_stats: int | None = None  # where the exporter statistics went
 
     @property
     def name(self) -> str:
@@ -144,9 +145,11 @@ def build_streams(seed: int = 20240601) -> list[Stream]:
         )
         for start in range(0, len(records), BATCH):
             stream.datagrams += session.encode(records[start : start + BATCH])
-            if (protocol, profile_name) == ("ipfix", "standard") and start == BATCH:
-                # Exporter statistics in observation domain 0, between data messages; one stream
-                # only: several exporters sharing domain 0 from one address is not a real setup.
+            if profile_name == "standard" and start == BATCH:
+                # Exporter statistics between data messages (IPFIX: in observation domain 0, so
+                # one IPFIX stream only: several exporters sharing domain 0 from one address is
+                # not a real setup).
+                stream.messages_before_stats = len(stream.datagrams)
                 stream.datagrams += session.options_messages(
                     {"notSentFlowTotalCount": 3, "notSentPacketTotalCount": 30}
                 )

@@ -10,8 +10,12 @@ import time
 
 import pytest
 
+from ipfix.profile import load_profile
+from tests.collectors.streams import STREAM_SPECS
 from tests.conftest import require_tools
 from tests.harness.collectors import (
+    COLLECTORS,
+    FIELDS_SHOWN,
     NOT_SHOWN,
     Nfacctd,
     Nfcapd,
@@ -21,11 +25,24 @@ from tests.harness.collectors import (
 )
 
 V5_FIELDS = (
-    "sourceIPv4Address", "destinationIPv4Address", "ipNextHopIPv4Address", "ingressInterface",
-    "egressInterface", "packetDeltaCount", "octetDeltaCount", "flowStartMilliseconds",
-    "flowEndMilliseconds", "sourceTransportPort", "destinationTransportPort", "tcpControlBits",
-    "protocolIdentifier", "ipClassOfService", "bgpSourceAsNumber", "bgpDestinationAsNumber",
-    "sourceIPv4PrefixLength", "destinationIPv4PrefixLength",
+    "sourceIPv4Address",
+    "destinationIPv4Address",
+    "ipNextHopIPv4Address",
+    "ingressInterface",
+    "egressInterface",
+    "packetDeltaCount",
+    "octetDeltaCount",
+    "flowStartMilliseconds",
+    "flowEndMilliseconds",
+    "sourceTransportPort",
+    "destinationTransportPort",
+    "tcpControlBits",
+    "protocolIdentifier",
+    "ipClassOfService",
+    "bgpSourceAsNumber",
+    "bgpDestinationAsNumber",
+    "sourceIPv4PrefixLength",
+    "destinationIPv4PrefixLength",
 )
 
 
@@ -64,19 +81,38 @@ def v5_packets(records: list[dict], now_ms: int, engine_id: int) -> list[bytes]:
     for start in range(0, len(records), 30):
         chunk = records[start : start + 30]
         header = struct.pack(
-            "!HHIIIIBBH", 5, len(chunk), now_ms - boot_ms, secs, ms * 1_000_000, sent, 0,
-            engine_id, 0,
+            "!HHIIIIBBH",
+            5,
+            len(chunk),
+            now_ms - boot_ms,
+            secs,
+            ms * 1_000_000,
+            sent,
+            0,
+            engine_id,
+            0,
         )
         body = b"".join(
             struct.pack(
                 "!4s4s4sHHIIIIHHxBBBHHBBxx",
-                r["sourceIPv4Address"], r["destinationIPv4Address"], r["ipNextHopIPv4Address"],
-                r["ingressInterface"], r["egressInterface"], r["packetDeltaCount"],
-                r["octetDeltaCount"], r["flowStartMilliseconds"] - boot_ms,
-                r["flowEndMilliseconds"] - boot_ms, r["sourceTransportPort"],
-                r["destinationTransportPort"], r["tcpControlBits"], r["protocolIdentifier"],
-                r["ipClassOfService"], r["bgpSourceAsNumber"], r["bgpDestinationAsNumber"],
-                r["sourceIPv4PrefixLength"], r["destinationIPv4PrefixLength"],
+                r["sourceIPv4Address"],
+                r["destinationIPv4Address"],
+                r["ipNextHopIPv4Address"],
+                r["ingressInterface"],
+                r["egressInterface"],
+                r["packetDeltaCount"],
+                r["octetDeltaCount"],
+                r["flowStartMilliseconds"] - boot_ms,
+                r["flowEndMilliseconds"] - boot_ms,
+                r["sourceTransportPort"],
+                r["destinationTransportPort"],
+                r["tcpControlBits"],
+                r["protocolIdentifier"],
+                r["ipClassOfService"],
+                r["bgpSourceAsNumber"],
+                r["bgpDestinationAsNumber"],
+                r["sourceIPv4PrefixLength"],
+                r["destinationIPv4PrefixLength"],
             )
             for r in chunk
         )
@@ -150,3 +186,38 @@ def test_compare_reports_every_kind_of_difference() -> None:
     assert "octetDeltaCount: got 4000000005, want 4000000006" in problems[0]
     assert "flowEndMilliseconds" in problems[1]
     assert "missing" in problems[2] and "unexpected" in problems[3]
+
+
+@pytest.mark.parametrize("collector", COLLECTORS)
+def test_every_profile_field_is_accounted_for(collector: str) -> None:
+    """Each element a shipped profile sends is either shown (FIELDS_SHOWN) or listed with the
+    reason it is not (NOT_SHOWN): the compatibility notes leave nothing out."""
+    for protocol, profile_name in STREAM_SPECS:
+        fields = load_profile(profile_name).fields
+        shown = FIELDS_SHOWN[collector][protocol]
+        not_shown = NOT_SHOWN[collector][protocol]
+        family_v6 = ("sourceIPv6Address", "destinationIPv6Address")
+        missing = [
+            name
+            for name in fields
+            if name not in shown
+            and name not in not_shown
+            and not (protocol == "v5" and name in family_v6)
+        ]
+        assert missing == [], f"{collector}/{protocol}/{profile_name}"
+
+
+def test_streams_span_several_full_messages(streams) -> None:
+    """What the decoders get is not one easy message: several near-full 1400-byte IPFIX/v9
+    messages per stream, more than 30 records (several packets) for v5, IPv4 and IPv6."""
+    for stream in streams:
+        sizes = [len(d) for d in stream.datagrams]
+        assert max(sizes) <= (24 + 30 * 48 if stream.protocol == "v5" else 1400), stream.name
+        if stream.protocol == "v5":
+            assert len(stream.exported) > 30 and len(stream.datagrams) >= 3
+            assert all(int.from_bytes(d[2:4], "big") <= 30 for d in stream.datagrams)
+        else:
+            assert sum(size > 1200 for size in sizes) >= 3, stream.name
+            assert {"sourceIPv4Address", "sourceIPv6Address"} <= {
+                key for record in stream.exported for key in record
+            }

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import pytest
 
 from tests.collectors.streams import STREAM_SPECS, Stream
-from tests.conftest import require_tools
 from tests.harness.collectors import (
     Nfacctd,
     Nfcapd,
@@ -17,6 +16,7 @@ from tests.harness.collectors import (
     TsharkResult,
     compare,
     decode_with_tshark,
+    require_collector,
 )
 
 pytestmark = pytest.mark.collectors
@@ -66,7 +66,8 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run(streams: list[Stream]):
-    require_tools("nfcapd", "nfdump", "nfacctd", "tshark", "tcpdump")
+    for name in ("nfdump", "nfacctd", "tshark"):
+        require_collector(name)
     intact = [streams[STREAM_SPECS.index(spec)] for spec in INTACT]
     lossy = [lose_one_message(streams[STREAM_SPECS.index(spec)]) for spec in LOSSY]
     batches = [s.datagrams for s in intact] + [s.sent for s in lossy]
@@ -75,6 +76,7 @@ def run(streams: list[Stream]):
             for datagrams in batches:  # one socket (source port) per exporter
                 nfcapd.send(datagrams)
             capture.stop(expect_packets=sum(map(len, batches)))
+            assert capture.kernel_drops() == 0, capture.daemon.log()
             tshark = capture.result()
         nfcapd.stop()
         for datagrams in batches:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.collectors.streams import STREAM_SPECS, Stream
+from tests.collectors.streams import BATCH, STREAM_SPECS, Stream
 from tests.conftest import require_tools
 from tests.harness.collectors import TsharkResult, compare, decode_with_tshark
 
@@ -24,8 +24,9 @@ def test_every_record_and_field_exact(spec, streams: list[Stream], decoded) -> N
     stream = streams[STREAM_SPECS.index(spec)]
     result = decoded[stream.name]
     assert result.messages == len(stream.datagrams)
-    problems = compare(result.flows, stream.exported, "tshark", stream.protocol,
-                       stream.profile.fields)
+    problems = compare(
+        result.flows, stream.exported, "tshark", stream.protocol, stream.profile.fields
+    )
     assert problems == []
 
 
@@ -38,14 +39,15 @@ def test_no_expert_warning(spec, streams: list[Stream], decoded) -> None:
     assert result.malformed == 0
 
 
-def test_exporter_statistics_decoded(streams: list[Stream], decoded) -> None:
-    """The IPFIX stream carries RFC 7011 4.3 statistics once; tshark shows their values."""
-    stream = streams[STREAM_SPECS.index(("ipfix", "standard"))]
+@pytest.mark.parametrize("spec", [("ipfix", "standard"), ("v9", "standard")], ids="-".join)
+def test_exporter_statistics_decoded(spec, streams: list[Stream], decoded) -> None:
+    """The standard streams carry exporter statistics once; tshark shows their values."""
+    stream = streams[STREAM_SPECS.index(spec)]
     options = decoded[stream.name].options
     assert len(options) == 1
     stats = options[0]
     assert stats["notSentFlowTotalCount"] == 3
     assert stats["notSentPacketTotalCount"] == 30
-    # Sent before the statistics: the first two batches of records.
-    assert 0 < stats["exportedFlowRecordTotalCount"] < len(stream.records)
-    assert stats["exportedMessageTotalCount"] > 0
+    # Sent before the statistics: the first two batches of records, in that many messages.
+    assert stats["exportedFlowRecordTotalCount"] == 2 * BATCH
+    assert stats["exportedMessageTotalCount"] == stream.messages_before_stats

@@ -5,11 +5,13 @@ drops as asked, and every namespace and interface is gone afterwards. No eBPF ne
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from ebpf.observation import Direction
-from tests.harness.netlab import NetLab
+from tests.harness.netlab import NetLab, sweep_stale_labs
 from tests.harness.netlab_capture import parse_pcap_dissected
 from tests.harness.netlab_flows import FiveTuple
 
@@ -143,3 +145,22 @@ def test_lab_leaves_nothing_behind(needs_root):
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert names[0] not in links and names[1] not in namespaces
     assert not lab.workdir.exists()
+
+
+def test_lab_of_a_killed_run_is_swept(needs_root):
+    from tests.ebpf.conftest import require_lab
+
+    require_lab()
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os; from tests.harness.netlab import NetLab; lab = NetLab();"
+         " lab.create(); print(lab.peer.netns, lab.host.netns); os._exit(0)"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2])
+    left = killed.stdout.split()
+    assert set(left) <= set(netns_names())
+    assert set(left) <= set(sweep_stale_labs())
+    assert not set(left) & set(netns_names())
+
+
+def netns_names() -> list[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.strip()]

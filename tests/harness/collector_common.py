@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -105,6 +106,46 @@ def send_datagrams(
     finally:
         if own:
             sock.close()
+
+
+class UdpSink:
+    """A loopback UDP socket read by a thread: it keeps the datagrams (`keep=True`) or just
+    swallows them, so an exporter sending to it sees no ICMP port-unreachable and
+    `wait_udp_drained` works."""
+
+    def __init__(self, host: str, port: int = 0, keep: bool = True):
+        self._sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        self._sock.bind((host, port))
+        self._sock.settimeout(0.05)
+        self.port: int = self._sock.getsockname()[1]
+        self.keep = keep
+        self.datagrams: list[bytes] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+
+    def _receive(self) -> None:
+        while not self._stopping:
+            try:
+                datagram = self._sock.recv(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.keep:
+                self.datagrams.append(datagram)
+
+    def start(self) -> UdpSink:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(CollectorError):
+                wait_udp_drained(self.port)
+            self._stopping = True
+            self._thread.join(5)
+        self._sock.close()
 
 
 # --- pcap writing (for tshark): classic libpcap, LINKTYPE_RAW (bare IPv4/IPv6 packets) ---

@@ -17,7 +17,7 @@ import contextlib
 import ipaddress
 from collections.abc import Iterator, Sequence
 
-from tests.harness.collector_common import Flow
+from tests.harness.collector_common import LOOPBACK, Flow, UdpSink
 
 # v9 id -> IE name for ids netflow 0.12 does not know.
 EXTRA_V9_IDS = {
@@ -95,6 +95,8 @@ _ADDRESS_SIZES = {
     "sourceIPv6Address": 16,
     "destinationIPv6Address": 16,
 }
+
+
 @contextlib.contextmanager
 def _extra_v9_ids() -> Iterator[None]:
     from netflow import v9
@@ -174,3 +176,42 @@ def _domain(datagram: bytes, version: int) -> int:
     if version == 10:
         return int.from_bytes(datagram[12:16], "big")
     return int.from_bytes(datagram[20:22], "big")  # v5: engine type/id
+
+
+class NetflowReceiver:
+    """A loopback UDP socket that keeps every datagram, decoded with `netflow` on demand: the
+    start/stop form of this decoder, for live exporters. It checks no sequence numbers."""
+
+    def __init__(self, ip_version: int = 4):
+        self.host = LOOPBACK[ip_version]
+        self._sink = UdpSink(self.host)
+        self.port = self._sink.port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    @property
+    def datagrams(self) -> list[bytes]:
+        return self._sink.datagrams
+
+    def start(self) -> NetflowReceiver:
+        self._sink.start()
+        return self
+
+    def stop(self) -> None:
+        self._sink.stop()
+
+    close = stop
+
+    def __enter__(self) -> NetflowReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def flows(self) -> list[Flow]:
+        return decode_with_netflow(self.datagrams)
+
+    def sequence_errors(self) -> None:
+        return None  # netflow does not check sequences

@@ -151,7 +151,10 @@ def parse_json_lines(text: str, primitives: Sequence[Primitive]) -> list[Flow]:
                 flow[ie] = int(Decimal(value) * 1000)
             elif key in by_name:
                 primitive = by_name[key]
-                if key.endswith("_ipfix") and version != 10 or key.endswith("_v9") and version != 9:
+                wrong_protocol = (key.endswith("_ipfix") and version != 10) or (
+                    key.endswith("_v9") and version != 9
+                )
+                if wrong_protocol:  # the other protocol's twin of this element reads 0 here
                     continue
                 ie = primitive.ie_name
                 flow[ie] = value if primitive.semantics == "str" else int(value)

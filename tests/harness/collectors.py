@@ -5,7 +5,12 @@ Four independent decoders, each as a start/stop class (for a live exporter) and 
     nfdump   Nfcapd            decode_with_nfdump(datagrams, ip_version) -> (flows, seq errors)
     nfacctd  Nfacctd           decode_with_nfacctd(datagrams, ...)       -> (flows, seq errors)
     tshark   TsharkCapture     decode_with_tshark(datagrams, ...)        -> TsharkResult
-    netflow  (in process)      decode_with_netflow(datagrams)            -> flows
+    netflow  NetflowReceiver   decode_with_netflow(datagrams)            -> flows
+
+The classes share: start() (returns self; also a context manager), .address (host, port) for the
+exporter, stop() (waits until the collector has read everything, then ends it), flows(),
+sequence_errors() (None for netflow, which checks none), close(). `open_collector(name)` makes
+one by name; the `collector_factory` fixture also closes them, whatever the test did.
 
 Every decoded flow is a dict keyed by IE name, in the agent's record form (addresses packed bytes,
 times epoch ms). FIELDS_SHOWN says which elements each collector shows per protocol, with the
@@ -15,7 +20,11 @@ input record, and `compare` matches decoded flows to records and lists every dif
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import ipaddress
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
 
 from tests.harness.collector_common import (
     CollectorError,
@@ -24,9 +33,27 @@ from tests.harness.collector_common import (
     send_datagrams,
     write_pcap,
 )
-from tests.harness.collector_netflow import decode_with_netflow
+from tests.harness.collector_fields import (
+    CANNOT_DECODE,
+    COLLECTORS,
+    FIELDS_SHOWN,
+    NFDUMP_LATENCY,
+    NOT_SHOWN,
+    PORTS,
+    REQUIRED_TOOLS,
+    TIMES,
+    TUPLE_V4,
+    TUPLE_V6,
+    render_notes,
+)
+from tests.harness.collector_netflow import NetflowReceiver, decode_with_netflow
 from tests.harness.collector_nfdump import Nfcapd, decode_with_nfdump
-from tests.harness.collector_pmacct import DEFAULT_PRIMITIVES, Nfacctd, Primitive, decode_with_nfacctd
+from tests.harness.collector_pmacct import (
+    DEFAULT_PRIMITIVES,
+    Nfacctd,
+    Primitive,
+    decode_with_nfacctd,
+)
 from tests.harness.collector_tshark import TsharkCapture, TsharkResult, decode_with_tshark
 
 __all__ = [
@@ -38,161 +65,48 @@ __all__ = [
     "DEFAULT_PRIMITIVES",
     "Flow",
     "Nfacctd",
+    "NetflowReceiver",
     "Nfcapd",
     "Primitive",
     "REQUIRED_TOOLS",
     "TsharkCapture",
     "TsharkResult",
+    "collector_factory",
     "compare",
     "decode_with_netflow",
     "decode_with_nfacctd",
     "decode_with_nfdump",
     "decode_with_tshark",
     "expected_view",
+    "render_notes",
+    "require_collector",
     "flow_key",
     "free_udp_port",
+    "open_collector",
     "send_datagrams",
     "write_pcap",
 ]
 
-COLLECTORS = ("nfdump", "nfacctd", "tshark", "netflow")
-REQUIRED_TOOLS = {
-    "nfdump": ("nfcapd", "nfdump"),
-    "nfacctd": ("nfacctd",),
-    "tshark": ("tshark",),
-    "netflow": (),
-}
-
-EXACT = ""
-TUPLE_V4 = ("sourceIPv4Address", "destinationIPv4Address")
-TUPLE_V6 = ("sourceIPv6Address", "destinationIPv6Address")
-PORTS = ("sourceTransportPort", "destinationTransportPort")
-COMMON = (*TUPLE_V4, *TUPLE_V6, *PORTS, "protocolIdentifier", "tcpControlBits",
-          "ipClassOfService", "octetDeltaCount", "packetDeltaCount", "ingressInterface",
-          "egressInterface")
-TIMES = ("flowStartMilliseconds", "flowEndMilliseconds")
-NTOP = ("RETRANSMITTED_IN_PKTS", "RETRANSMITTED_OUT_PKTS", "RETRANSMITTED_IN_BYTES",
-        "RETRANSMITTED_OUT_BYTES", "CLIENT_NW_LATENCY_MS", "SERVER_NW_LATENCY_MS",
-        "SRC_PROC_PID", "SRC_PROC_NAME", "SRC_PROC_UID", "DST_PROC_PID", "DST_PROC_NAME",
-        "DST_PROC_UID")
-LEGACY_LATENCY = ("CLIENT_NW_DELAY_SEC", "CLIENT_NW_DELAY_USEC", "SERVER_NW_DELAY_SEC",
-                  "SERVER_NW_DELAY_USEC")
-V5_EXTRA = ("ipNextHopIPv4Address", "bgpSourceAsNumber", "bgpDestinationAsNumber",
-            "sourceIPv4PrefixLength", "destinationIPv4PrefixLength")
-ICMP = ("icmpTypeCodeIPv4", "icmpTypeCodeIPv6")
-NFDUMP_LATENCY = ("nfdump.client_latency_us", "nfdump.server_latency_us")
-
-
-def _table(*groups: Iterable[str], note: str = EXACT, **notes: str) -> dict[str, str]:
-    table = {name: note for group in groups for name in group}
-    table.update(notes)
-    return table
-
-
-ICMP_NOTE = "ICMP flows only (nfdump prints type.code instead of ports)"
-# What each collector shows, per protocol: IE name -> "" (exact) or the caveat.
-FIELDS_SHOWN: dict[str, dict[str, dict[str, str]]] = {
-    "nfdump": {
-        "ipfix": _table(COMMON, TIMES, ("flowDirection", "flowEndReason"),
-                        icmpTypeCodeIPv4=ICMP_NOTE, icmpTypeCodeIPv6=ICMP_NOTE,
-                        sourceTransportPort="not for ICMP flows",
-                        destinationTransportPort="not for ICMP flows",
-                        ipClassOfService="not for ICMP flows"),
-        "v9": _table(COMMON, TIMES, ("flowDirection",),
-                     icmpTypeCodeIPv4=ICMP_NOTE,
-                     sourceTransportPort="not for ICMP flows",
-                     destinationTransportPort="not for ICMP flows",
-                     ipClassOfService="not for ICMP flows",
-                     **{n: "legacy v9 ids only: `cli/srv latency` = SEC s + USEC us"
-                        for n in NFDUMP_LATENCY}),
-        "v5": _table(COMMON, TIMES,
-                     sourceTransportPort="not for ICMP flows",
-                     destinationTransportPort="not for ICMP flows",
-                     ipClassOfService="not for ICMP flows"),
-    },
-    "nfacctd": {
-        "ipfix": _table(COMMON, TIMES, ("flowDirection", "flowEndReason", "ipVersion"), ICMP,
-                        NTOP, **{n: "custom primitive (aggregate_primitives)"
-                                 for n in ("flowDirection", "flowEndReason", "ipVersion",
-                                           *ICMP, *NTOP)}),
-        "v9": _table(COMMON, ("flowDirection", "flowEndReason", "ipVersion"), ICMP, NTOP,
-                     LEGACY_LATENCY,
-                     **{n: "custom primitive (aggregate_primitives)"
-                        for n in ("flowDirection", "flowEndReason", "ipVersion", *ICMP, *NTOP,
-                                  *LEGACY_LATENCY)},
-                     **{n: "whole seconds (pmacct: unix_secs - (sysUptime - t)/1000)"
-                        for n in TIMES}),
-        "v5": _table(COMMON, **{n: "whole seconds, rounded down or up: unix_nsecs ignored"
-                                 for n in TIMES}),
-    },
-    "tshark": {
-        "ipfix": _table(COMMON, TIMES, ("flowDirection", "flowEndReason", "ipVersion",
-                                        "samplingInterval"), ICMP, NTOP,
-                        **{n: "an empty string is not shown" for n in
-                           ("SRC_PROC_NAME", "DST_PROC_NAME")}),
-        "v9": _table(COMMON, TIMES, ("flowDirection", "flowEndReason", "ipVersion",
-                                     "samplingInterval"), ICMP, NTOP,
-                     **{n: "shown under ntop's current name for that id (*_throughput)"
-                        for n in LEGACY_LATENCY},
-                     **{n: "sysUptime-relative, made absolute from the header" for n in TIMES}),
-        "v5": _table(COMMON, V5_EXTRA, **{n: "sysUptime-relative, made absolute" for n in TIMES}),
-    },
-    "netflow": {
-        "ipfix": _table(COMMON, TIMES, ("flowDirection", "flowEndReason", "ipVersion",
-                                        "samplingInterval"), ICMP,
-                        note="standard profile only: no enterprise or variable-length fields"),
-        "v9": _table(COMMON, TIMES, ("flowDirection", "flowEndReason", "ipVersion",
-                                     "samplingInterval"), ICMP, NTOP, LEGACY_LATENCY,
-                     **{n: "id unknown to netflow 0.12: registered by the harness"
-                        for n in ("flowEndReason", "icmpTypeCodeIPv6", *NTOP,
-                                  *LEGACY_LATENCY)}),
-        "v5": _table(COMMON, TIMES, V5_EXTRA),
-    },
-}
-# Elements a profile sends that a collector does not show, and why (README compatibility notes).
-NOT_SHOWN: dict[str, dict[str, dict[str, str]]] = {
-    "nfdump": {
-        "ipfix": {"ipVersion": "not stored", "samplingInterval": "only from options records",
-                  **{n: "PEN elements are skipped" for n in NTOP}},
-        "v9": {"flowEndReason": "id 136 is not in nfdump 1.7.1's v9 map",
-               "icmpTypeCodeIPv6": "v9 reads ICMP type/code only from id 32, also for IPv6; "
-                                   "id 139 is ignored and ICMPv6 flows show 0.0",
-               "ipVersion": "not stored",
-               **{n: "vendor ids are skipped" for n in NTOP},
-               **{n: "shown as one latency (nfdump.*_latency_us)" for n in LEGACY_LATENCY}},
-        "v5": {"bgpSourceAsNumber": "not printed by -o raw", "bgpDestinationAsNumber": "idem",
-               "ipNextHopIPv4Address": "not printed by -o raw",
-               "sourceIPv4PrefixLength": "not stored from v5 (printed as 0)",
-               "destinationIPv4PrefixLength": "not stored from v5 (printed as 0)"},
-    },
-    "nfacctd": {
-        "ipfix": {"samplingInterval": "not a primitive (used for renormalization only)"},
-        "v9": {"samplingInterval": "not a primitive (used for renormalization only)"},
-        "v5": {"flowDirection": "v5 has none", "ipNextHopIPv4Address": "not aggregated here",
-               **{n: "custom primitives exist only for v9/IPFIX" for n in V5_EXTRA}},
-    },
-    "tshark": {"ipfix": {}, "v9": {}, "v5": {}},
-    "netflow": {
-        "ipfix": {n: "enterprise/variable-length elements cannot be decoded: the ntop profile "
-                     "fails to parse (PaddingCalculationError)" for n in NTOP},
-        "v9": {},
-        "v5": {},
-    },
-}
-# (collector, protocol, profile) combinations the decoder cannot parse at all.
-CANNOT_DECODE = {
-    ("netflow", "ipfix", "ntop"): "netflow 0.12 has no variable-length or enterprise elements",
-}
-for _protocol in ("ipfix", "v9", "v5"):  # v6 addresses in v5 cannot exist
-    for _collector in COLLECTORS:
-        if _protocol == "v5":
-            for _name in TUPLE_V6:
-                FIELDS_SHOWN[_collector][_protocol].pop(_name, None)
-
 IPV6_ONLY = frozenset({*TUPLE_V6, "icmpTypeCodeIPv6"})
-IPV4_ONLY = frozenset({*TUPLE_V4, "icmpTypeCodeIPv4", "ipNextHopIPv4Address",
-                       "sourceIPv4PrefixLength", "destinationIPv4PrefixLength"})
-STRINGS = frozenset({"SRC_PROC_NAME", "DST_PROC_NAME"})
+IPV4_ONLY = frozenset(
+    {
+        *TUPLE_V4,
+        "icmpTypeCodeIPv4",
+        "ipNextHopIPv4Address",
+        "sourceIPv4PrefixLength",
+        "destinationIPv4PrefixLength",
+    }
+)
+STRINGS = frozenset(
+    {
+        "SRC_PROC_NAME",
+        "DST_PROC_NAME",
+        "SRC_PROC_USER_NAME",
+        "DST_PROC_USER_NAME",
+        "SRC_PROC_CONTAINER_ID",
+        "DST_PROC_CONTAINER_ID",
+    }
+)
 ICMP_PROTOCOLS = (1, 58)
 
 
@@ -276,8 +190,6 @@ def flow_key(flow: Flow) -> tuple:
 
 def _show(value: object) -> str:
     if isinstance(value, bytes) and len(value) in (4, 16):
-        import ipaddress
-
         return str(ipaddress.ip_address(value))
     return repr(value)
 
@@ -318,3 +230,52 @@ def compare(
         label = ", ".join(_show(v) for v in key if v is not None)
         problems.append(f"{collector}/{protocol}: unexpected record ({label}) x{len(flows)}")
     return problems
+
+
+Collector = Nfcapd | Nfacctd | TsharkCapture | NetflowReceiver
+
+
+def open_collector(name: str, ip_version: int = 4) -> Collector:
+    """A started collector by name ("nfdump", "nfacctd", "tshark", "netflow") on 127.0.0.1 or
+    ::1. The caller closes it (or uses `collector_factory`)."""
+    kinds: dict[str, Callable[[int], Collector]] = {
+        "nfdump": Nfcapd,
+        "nfacctd": Nfacctd,
+        "tshark": TsharkCapture,
+        "netflow": NetflowReceiver,
+    }
+    if name not in kinds:
+        raise ValueError(f"collector '{name}': expected one of {', '.join(COLLECTORS)}")
+    collector = kinds[name](ip_version)
+    try:
+        return collector.start()
+    except BaseException:
+        collector.close()
+        raise
+
+
+def require_collector(name: str, live: bool = True) -> None:
+    """Skip outside CI, fail in CI, when `name` cannot run here: its tools are missing, or (live
+    tshark) capturing on `lo` needs root."""
+    from tests.conftest import require_tools, skip_or_fail
+
+    require_tools(*REQUIRED_TOOLS[name])
+    if name == "tshark" and live and os.geteuid() != 0:
+        skip_or_fail("capturing on lo (tcpdump) needs root")
+
+
+@pytest.fixture
+def collector_factory() -> Iterator[Callable[..., Collector]]:
+    """`make(name, ip_version=4)` -> a started collector (skipped outside CI, failed inside, when
+    its tools are missing); all of them are closed at teardown. Import it into a conftest."""
+    opened: list[Collector] = []
+
+    def make(name: str, ip_version: int = 4) -> Collector:
+        require_collector(name)
+        collector = open_collector(name, ip_version)
+        opened.append(collector)
+        return collector
+
+    yield make
+    for collector in opened:
+        collector.close()

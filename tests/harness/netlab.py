@@ -9,8 +9,9 @@
 `NetLab(wire=True)` joins the ends through a third namespace forwarding frames in userspace, so
 `lab.impair(delay_ms=20, loss=0.05)` can add delay and loss (this kernel has no netem: see
 netlab_wire.py). Offloads are off and the MTU is 1500, so a capture counts exactly the packets
-the stack built. Names carry a random run id, so parallel runs do not collide; everything is
-removed on exit, also after a failure.
+the stack built. Names carry a random run id (and the creating pid), so parallel runs do not
+collide; everything is removed on exit, also after a failure, and a lab left by a killed run is
+swept when the next one is created.
 
 Addresses exist only inside the lab: IPv4 from 198.18.0.0/15 (RFC 2544 benchmarking; a /24 that
 overlaps no route of the root namespace when an end lives there), IPv6 from a random fd00::/8 ULA
@@ -23,6 +24,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import subprocess
@@ -80,6 +82,22 @@ def missing_prerequisites() -> str | None:
     return f"missing tools: {', '.join(missing)}" if missing else None
 
 
+STALE_NETNS = re.compile(r"^fb[0-9a-f]{6}[hpw]-p(\d+)$")
+
+
+def sweep_stale_labs() -> list[str]:
+    """Deletes the namespaces of labs whose creating process died without cleaning up (killed
+    test run); deleting a namespace also removes its veth pairs, root-namespace ends included."""
+    removed = []
+    for line in run(["ip", "netns", "list"]).stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        match = STALE_NETNS.match(name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            run(["ip", "netns", "del", name], check=False)
+            removed.append(name)
+    return removed
+
+
 class NetLab:
     def __init__(self, host_in_root: bool = False, wire: bool = False, workdir: Path | None = None):
         self.run_id = secrets.token_hex(3)
@@ -110,14 +128,15 @@ class NetLab:
         reason = missing_prerequisites()
         if reason:
             raise LabError(reason)
+        sweep_stale_labs()
         rid = self.run_id
         subnet4 = self._pick_ipv4_subnet()
         ula = self._pick_ula()
-        host_ns = None if self.host_in_root else self._add_netns(f"fb{rid}h")
-        peer_ns = self._add_netns(f"fb{rid}p")
+        host_ns = None if self.host_in_root else self._add_netns(f"fb{rid}h-p{os.getpid()}")
+        peer_ns = self._add_netns(f"fb{rid}p-p{os.getpid()}")
         host_if, peer_if = f"fb{rid}h0", f"fb{rid}p0"
         if self.has_wire:
-            wire_ns = self._add_netns(f"fb{rid}w")
+            wire_ns = self._add_netns(f"fb{rid}w-p{os.getpid()}")
             self.wire_ifs = (f"fb{rid}w0", f"fb{rid}w1")
             self._veth(host_if, host_ns, self.wire_ifs[0], wire_ns)
             self._veth(peer_if, peer_ns, self.wire_ifs[1], wire_ns)
@@ -129,6 +148,7 @@ class NetLab:
         net4 = list(subnet4.hosts())
         self.host = self._endpoint("host", host_ns, host_if, str(net4[0]), f"{ula}::1", subnet4)
         self.peer = self._endpoint("peer", peer_ns, peer_if, str(net4[1]), f"{ula}::2", subnet4)
+        self._static_neighbours()
         if self.has_wire:
             self.impair()
 
@@ -189,6 +209,15 @@ class NetLab:
         ns_path = ROOT_NETNS if netns is None else f"/run/netns/{netns}"
         return Endpoint(role, netns, ifname, info["address"], ipv4, ipv6, info["ifindex"],
                         os.stat(ns_path).st_ino)
+
+    def _static_neighbours(self) -> None:
+        """Permanent ARP/ND entries: a first packet never waits for neighbour resolution (through
+        a delaying wire that would double the first SYN's RTT sample) and captures hold only the
+        tests' own traffic."""
+        for me, other in ((self.host, self.peer), (self.peer, self.host)):
+            for version in (4, 6):
+                run([*me.prefix, "ip", f"-{version}", "neigh", "replace", other.addr(version),
+                     "lladdr", other.mac, "dev", me.ifname, "nud", "permanent"])
 
     def _pick_ipv4_subnet(self) -> ipaddress.IPv4Network:
         """A /24 of 198.18.0.0/15 that no root-namespace route overlaps (only matters with an end

@@ -13,7 +13,7 @@ import secrets
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +34,14 @@ class ProcReport:
     sent: int  # bytes (TCP) or datagrams' payload bytes (UDP)
     received: int
     result: str  # TCP: eof / closed-first / reset-sent / reset-received; UDP: done
+    tcp_info: dict[str, int] = field(default_factory=dict)  # TCP_INFO just before the ending
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> ProcReport:
         sent = event.get("sent", sum(event.get("sent_sizes", [])))
         received = event.get("received", sum(event.get("received_sizes", [])))
         return cls(event["pid"], event["comm"], tuple(event["local"]), tuple(event["remote"]),
-                   sent, received, event.get("result", "done"))
+                   sent, received, event.get("result", "done"), event.get("tcp_info", {}))
 
 
 @dataclass(frozen=True)

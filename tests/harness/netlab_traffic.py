@@ -108,6 +108,15 @@ def finish(sock: socket.socket, side: str, ending: str) -> str:
     return result
 
 
+def tcp_info(sock: socket.socket) -> dict[str, int]:
+    """The kernel's own view of the connection (struct tcp_info, include/uapi/linux/tcp.h)."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    fields = {"rtt_us": ("I", 68), "total_retrans": ("I", 100), "segs_out": ("I", 136),
+              "segs_in": ("I", 140), "min_rtt_us": ("I", 148), "bytes_retrans": ("Q", 208)}
+    return {name: struct.unpack_from(fmt, raw, offset)[0]
+            for name, (fmt, offset) in fields.items() if len(raw) >= offset + 8}
+
+
 def endpoint_fields(sock: socket.socket) -> dict[str, object]:
     local, remote = sock.getsockname(), sock.getpeername()
     return {"local": [local[0], local[1]], "remote": [remote[0], remote[1]]}
@@ -141,8 +150,9 @@ def tcp_server(args: argparse.Namespace) -> None:
     fields = endpoint_fields(sock)
     emit("connected", **fields)
     sent, received = exchange(sock, "server", parse_rounds(args.rounds), hold=False)
+    info = tcp_info(sock)
     result = finish(sock, "server", args.ending)
-    emit("done", **fields, sent=sent, received=received, result=result)
+    emit("done", **fields, sent=sent, received=received, result=result, tcp_info=info)
 
 
 def tcp_client(args: argparse.Namespace) -> None:
@@ -152,8 +162,9 @@ def tcp_client(args: argparse.Namespace) -> None:
     fields = endpoint_fields(sock)
     emit("connected", **fields)
     sent, received = exchange(sock, "client", parse_rounds(args.rounds), hold=args.hold)
+    info = tcp_info(sock)
     result = finish(sock, "client", args.ending)
-    emit("done", **fields, sent=sent, received=received, result=result)
+    emit("done", **fields, sent=sent, received=received, result=result, tcp_info=info)
 
 
 def udp_server(args: argparse.Namespace) -> None:
