@@ -278,11 +278,23 @@ _EXPRESSIONS = {
     "DST_PROC_UID": "(proc.uid if proc is not None and not egress else {default})",
 }
 # Half the smoothed RTT goes to the side that is not local (see the module docstring).
+# Half the smoothed RTT goes to the side that is not local (see the module docstring); which side
+# is the client is local_is_client, inlined.
 _LATENCY_BLOCK = """\
     tcp = flow.tcp
     rtt = tcp is not None and tcp.srtt_us
     if rtt:
-        if local_is_client(flow, ephemeral):
+        if egress:
+            local, remote = key.src_port, key.dst_port
+        else:
+            local, remote = key.dst_port, key.src_port
+        local_ephemeral = low <= local <= high
+        remote_ephemeral = low <= remote <= high
+        if local_ephemeral != remote_ephemeral:
+            client = local_ephemeral
+        else:
+            client = local > remote
+        if client:
             client_us, server_us = 0, tcp.srtt_us // 2
         else:
             client_us, server_us = tcp.srtt_us // 2, 0
@@ -294,24 +306,30 @@ def compile_row(layout: Layout, family: int, ephemeral: tuple[int, int]) -> Call
     """One function export -> row for a template's layout (ExportSession.row_layout): generated
     once, so a row costs one call and one tuple, with no dict and no loop over fields. It gives
     exactly the values RecordBuilder puts in a uniflow record, or the default where it puts none."""
-    namespace: dict[str, object] = {"local_is_client": local_is_client, "ephemeral": ephemeral}
+    namespace: dict[str, object] = {"low": ephemeral[0], "high": ephemeral[1]}
     values = []
     for i, (name, default) in enumerate(layout):
-        namespace[f"d{i}"] = default
+        if type(default) in (int, str, bytes):
+            constant = repr(default)  # a literal: cheaper than a global
+        else:
+            constant = f"d{i}"
+            namespace[constant] = default
         expression = _EXPRESSIONS.get(name, "{default}")
         if name == "ipVersion":
             expression = str(family)
-        values.append(expression.format(default=f"d{i}"))
+        values.append(expression.format(default=constant))
     body = ", ".join(values)
     lines = ["def row(export):", "    flow = export[0]", "    key = flow.key"]
-    if "egress" in body:
+    if "egress" in body or " if rtt " in body:
         lines.append("    egress = key.direction == 1")
     if " if rtt " in body:
         lines.append(_LATENCY_BLOCK.rstrip())
     if "proc is not None" in body:
         lines.append("    proc = flow.process")
     lines.append(f"    return ({body},)")
-    exec(compile("\n".join(lines) + "\n", f"<row builder IPv{family}>", "exec"), namespace)
+    source = "\n".join(lines) + "\n"
+    exec(compile(source, f"<row builder IPv{family}>", "exec"), namespace)
+    namespace["row"].source = source  # type: ignore[attr-defined]
     return namespace["row"]  # type: ignore[return-value]
 
 

@@ -95,6 +95,7 @@ class FlowCollector:
         self._pending: list[FlowObservation] = []
         self._endings = Endings()
         self._rescanned = False
+        self._retired_seen: dict[bytes, Reported] = {}
         self._flows_in_map = 0
         self._stop = threading.Event()
         self.scan_existing()

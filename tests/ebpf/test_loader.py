@@ -12,7 +12,6 @@ import os
 import socket
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,7 +68,8 @@ class LoCapture:
         require_tools("tcpdump")
         self.path = path
         self.proc = subprocess.Popen(
-            ["tcpdump", "-i", "lo", "-nn", "-U", "--immediate-mode", "-s", "200", "-w", str(path), bpf_filter],
+            ["tcpdump", "-i", "lo", "-nn", "-U", "--immediate-mode", "-s", "200",
+             "-w", str(path), bpf_filter],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         line = self.proc.stderr.readline().decode()  # "listening on lo ..." once it captures

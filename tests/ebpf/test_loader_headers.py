@@ -60,7 +60,7 @@ def test_other_kernel_split_headers_use_bcc_kernel_source_and_generated_includes
 def test_other_kernel_single_tree_needs_only_bcc_kernel_source(tmp_path):
     tree(tmp_path, "6.5.0-1", split=False)
     found = find_headers(tmp_path / "modules", release="6.18.0")
-    assert found.env == {"BCC_KERNEL_SOURCE": str((tmp_path / "src/linux-headers-6.5.0-1"))}
+    assert found.env == {"BCC_KERNEL_SOURCE": str(tmp_path / "src/linux-headers-6.5.0-1")}
     assert found.cflags == ()
 
 
