@@ -143,6 +143,10 @@ def bench_mode(nginx: Nginx, attach: Callable[[], object], mode: str, args: argp
                 checks.append(check)
     with_collector = statistics.median(rates[True])
     without = statistics.median(rates[False])
+    paired = [round(w / wo, 3) for w, wo in zip(rates[True], rates[False], strict=True)]
+    print(f"# {mode}: with/without per round (adjacent in time) {paired}, "
+          f"spread without collector {min(rates[False]):.0f}..{max(rates[False]):.0f} req/s",
+          file=sys.stderr, flush=True)
     emit(f"nginx_{mode}_requests_per_s", with_collector, "req/s", "nginx without collector",
          without)
     missing = sum(c["missing"] for c in checks)

@@ -71,10 +71,10 @@ def pipeline(protocol: str, profile: str, flows: int, rounds: int) -> float:
     best = 0.0
     for _ in range(rounds):
         cache = FlowCache(max_flows=flows + 1)
-        start = time.perf_counter()
+        start = time.process_time()
         for i in range(0, flows, 10_000):  # polls of 10,000 observations
             exporter.export(cache.update(batch[i : i + 10_000]))
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
         best = max(best, flows / elapsed)
     exporter.close()
     sink.close()
@@ -85,13 +85,13 @@ def pipeline(protocol: str, profile: str, flows: int, rounds: int) -> float:
 def sweep_seconds(flows: int) -> tuple[float, float]:
     cache = FlowCache(idle_timeout=15, max_flows=flows)
     cache.update(observations(flows, end=False))
-    start = time.perf_counter()
+    start = time.process_time()
     kept = cache.sweep(T0 + 1000)  # none idle yet: must stop at once
-    live = time.perf_counter() - start
+    live = time.process_time() - start
     assert not kept
-    start = time.perf_counter()
+    start = time.process_time()
     expired = cache.sweep(T0 + 60_000)  # all idle
-    everything = time.perf_counter() - start
+    everything = time.process_time() - start
     assert len(expired) == flows
     return live, everything
 
@@ -107,9 +107,9 @@ def live_updates_per_second(flows: int) -> float:
         )
         for o in first
     ]
-    start = time.perf_counter()
+    start = time.process_time()
     cache.update(grown)
-    return flows / (time.perf_counter() - start)
+    return flows / (time.process_time() - start)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from bridge.cache import Export
 from bridge.config import CollectorConfig
 from bridge.errors import UserError
 from bridge.messages import carries_templates, data_record_counts
-from bridge.records import RecordBuilder, RowBuilder, biflow_profile
+from bridge.records import RecordBuilder, RowBuilder, biflow_profile, in_row_order
 from bridge.transport import Transport, open_transport
 from ipfix.errors import IpfixError
 from ipfix.profile import Profile, load_profile
@@ -99,17 +99,15 @@ class Exporter:
             exports = _split_pairs(exports)
         if not exports:
             return
-        groups = self.rows.build(exports)
         refused_before = self.session.refused_records
         try:
-            messages = self.session.encode_runs([(family, rows) for family, _, rows in groups])
+            messages = self.session.encode_runs(self.rows.build(exports))
         except IpfixError as exc:
             # A value the encoder refuses is a bug or a kernel oddity: lose these, keep running.
             log.error("collector %s: cannot encode %d records: %s", self.name, len(exports), exc)
             self.records_refused += len(exports)
             return
-        ordered = groups[0][1] if len(groups) == 1 else [e for g in groups for e in g[1]]
-        self._deliver(messages, len(exports), refused_before, partial(_export_totals, ordered))
+        self._deliver(messages, len(exports), refused_before, partial(_export_totals, exports))
 
     def send_records(self, records: list[dict]) -> None:
         """Record dicts to the collector (replayed or built elsewhere)."""
@@ -180,7 +178,7 @@ def _record_totals(records: Sequence[dict], start: int, end: int) -> tuple[int, 
 def _export_totals(exports: Sequence[Export], start: int, end: int) -> tuple[int, int]:
     """Both directions of a biflow record count: the whole record was lost."""
     packets = octets = 0
-    for export in exports[start:end]:
+    for export in in_row_order(exports)[start:end]:
         packets += export[2]
         octets += export[1]
         peer = export[8]

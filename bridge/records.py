@@ -13,6 +13,7 @@ Semantics (collectors.md 3.2):
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from operator import itemgetter
@@ -302,43 +303,68 @@ _LATENCY_BLOCK = """\
 Layout = Sequence[tuple[str, object]]  # (record key, default) in row order
 
 
-def compile_row(layout: Layout, family: int, ephemeral: tuple[int, int]) -> Callable:
-    """One function export -> row for a template's layout (ExportSession.row_layout): generated
-    once, so a row costs one call and one tuple, with no dict and no loop over fields. It gives
-    exactly the values RecordBuilder puts in a uniflow record, or the default where it puts none."""
-    namespace: dict[str, object] = {"low": ephemeral[0], "high": ephemeral[1]}
+def _row_expression(layout: Layout, family: int, namespace: dict[str, object]) -> str:
+    """The tuple expression of one family's row."""
     values = []
     for i, (name, default) in enumerate(layout):
         if type(default) in (int, str, bytes):
             constant = repr(default)  # a literal: cheaper than a global
         else:
-            constant = f"d{i}"
+            constant = f"d{family}_{i}"
             namespace[constant] = default
         expression = _EXPRESSIONS.get(name, "{default}")
         if name == "ipVersion":
             expression = str(family)
         values.append(expression.format(default=constant))
-    body = ", ".join(values)
-    lines = ["def row(export):", "    flow = export[0]", "    key = flow.key"]
-    if "egress" in body or " if rtt " in body:
-        lines.append("    egress = key.direction == 1")
-    if " if rtt " in body:
-        lines.append(_LATENCY_BLOCK.rstrip())
-    if "proc is not None" in body:
-        lines.append("    proc = flow.process")
-    lines.append(f"    return ({body},)")
+    return f"({', '.join(values)},)" if values else "()"
+
+
+def compile_rows(layouts: dict[int, Layout], ephemeral: tuple[int, int]) -> Callable:
+    """One function exports -> (IPv4 rows, IPv6 rows) for a session's layouts
+    (ExportSession.row_layout), generated once: a single loop in which a row costs one tuple,
+    with no dict, no call and no loop over fields. Its values are exactly those RecordBuilder
+    puts in a uniflow record, or the default where it puts none. A family with an empty layout
+    (one the protocol cannot carry) gets empty placeholder rows, for the session to count."""
+    namespace: dict[str, object] = {"low": ephemeral[0], "high": ephemeral[1]}
+    v4 = _row_expression(layouts.get(4, ()), 4, namespace)
+    v6 = _row_expression(layouts.get(6, ()), 6, namespace)
+    both = v4 + v6
+    lines = [
+        "def rows(exports):",
+        "    v4 = []",
+        "    v6 = []",
+        "    add4 = v4.append",
+        "    add6 = v6.append",
+        "    for export in exports:",
+        "        flow = export[0]",
+        "        key = flow.key",
+    ]
+    block = []
+    if "egress" in both or " if rtt " in both:
+        block.append("egress = key.direction == 1")
+    if " if rtt " in both:
+        block += textwrap.dedent(_LATENCY_BLOCK).splitlines()
+    if "proc is not None" in both:
+        block.append("proc = flow.process")
+    lines += [f"        {line}" for line in block]
+    lines += [
+        "        if len(key.src_addr) == 4:",
+        f"            add4({v4})",
+        "        else:",
+        f"            add6({v6})",
+        "    return v4, v6",
+    ]
     source = "\n".join(lines) + "\n"
-    exec(compile(source, f"<row builder IPv{family}>", "exec"), namespace)
-    namespace["row"].source = source  # type: ignore[attr-defined]
-    return namespace["row"]  # type: ignore[return-value]
+    exec(compile(source, "<row builder>", "exec"), namespace)
+    function = namespace["rows"]
+    function.source = source  # type: ignore[attr-defined]
+    return function  # type: ignore[return-value]
 
 
 class RowBuilder:
     """Rows for one ExportSession straight from cache exports, per address family, in the order
-    of the session's templates (`layouts`: ExportSession.row_layout of 4 and 6). An empty layout
-    is a family the protocol cannot carry: its exports become placeholder rows the session
-    refuses and counts. Biflow records are built as dicts first (RFC 5103 pairing is not on the
-    hot path) and converted once."""
+    of the session's templates (`layouts`: ExportSession.row_layout of 4 and 6). Biflow records
+    are built as dicts first (RFC 5103 pairing is not on the hot path) and converted once."""
 
     def __init__(
         self,
@@ -350,36 +376,36 @@ class RowBuilder:
     ) -> None:
         ephemeral = ephemeral or ephemeral_port_range()
         self.biflow = biflow
+        self.layouts = layouts
         self._records = RecordBuilder(fields, biflow=biflow, ephemeral=ephemeral)
-        self._row: dict[int, Callable] = {}
-        for family, layout in layouts.items():
-            if not layout:
-                continue
-            if biflow:
-                self._row[family] = _from_dict(layout, self._records._biflow_record)
-            else:
-                self._row[family] = compile_row(layout, family, ephemeral)
+        self._rows = compile_rows(layouts, ephemeral)
+        self._from_dict = {f: _from_dict(layout) for f, layout in layouts.items() if layout}
 
-    def build(self, exports: Sequence[Export]) -> list[tuple[int, Sequence[Export], list]]:
-        """(family, its exports in input order, their rows) for each family present."""
-        ipv6 = [e for e in exports if len(e[0].key.src_addr) != 4]
-        if not ipv6:
-            groups = [(4, exports)]
+    def build(self, exports: Sequence[Export]) -> list[tuple[int, list]]:
+        """(family, rows) for each family present: IPv4 first, each in input order."""
+        if self.biflow:
+            v4, v6 = [], []
+            for export in exports:
+                family = 4 if len(export[0].key.src_addr) == 4 else 6
+                record = self._records._biflow_record(export)
+                convert = self._from_dict.get(family)
+                (v4 if family == 4 else v6).append(convert(record) if convert else ())
         else:
-            groups = [(4, [e for e in exports if len(e[0].key.src_addr) == 4]), (6, ipv6)]
-        out = []
-        for family, group in groups:
-            if not group:
-                continue
-            row = self._row.get(family)
-            rows = list(map(row, group)) if row is not None else [()] * len(group)
-            out.append((family, group, rows))
-        return out
+            v4, v6 = self._rows(exports)
+        return [(family, rows) for family, rows in ((4, v4), (6, v6)) if rows]
 
 
-def _from_dict(layout: Layout, record: Callable[[Export], dict]) -> Callable[[Export], tuple]:
+def in_row_order(exports: Sequence[Export]) -> list[Export]:
+    """Exports in the order RowBuilder.build gives their rows: IPv4 first."""
+    v4 = [e for e in exports if len(e[0].key.src_addr) == 4]
+    if len(v4) == len(exports):
+        return list(exports)
+    return v4 + [e for e in exports if len(e[0].key.src_addr) != 4]
+
+
+def _from_dict(layout: Layout) -> Callable[[dict], tuple]:
     defaults = dict(layout)
     getter = itemgetter(*defaults)
     if len(defaults) == 1:
-        return lambda export: (getter({**defaults, **record(export)}),)
-    return lambda export: getter({**defaults, **record(export)})
+        return lambda record: (getter({**defaults, **record}),)
+    return lambda record: getter({**defaults, **record})

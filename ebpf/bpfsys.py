@@ -150,6 +150,39 @@ def delete(map_fd: int, key: bytes) -> bool:
     return True
 
 
+class ElemOps:
+    """Single-element operations on one map with reused buffers (the end-of-flow path runs
+    them per flow: allocating ctypes buffers each time cost more than the syscall)."""
+
+    def __init__(self, map_fd: int, key_size: int, value_size: int) -> None:
+        self.value_size = value_size
+        self._key = ctypes.create_string_buffer(key_size)
+        self._value = ctypes.create_string_buffer(value_size)
+        self._attr = _elem_attr(map_fd, self._key, self._value)
+        self._flags_at = 24
+
+    def _call(self, cmd: int, key: bytes, flags: int = 0) -> bool:
+        ctypes.memmove(self._key, key, len(key))
+        struct.pack_into("<Q", self._attr, self._flags_at, flags)
+        try:
+            _bpf(cmd, self._attr)
+        except BpfError as exc:
+            if exc.errno in (errno.ENOENT, errno.EEXIST):
+                return False
+            raise
+        return True
+
+    def lookup_and_delete(self, key: bytes) -> bytes | None:
+        if not self._call(BPF_MAP_LOOKUP_AND_DELETE_ELEM, key):
+            return None
+        return self._value.raw
+
+    def restore(self, key: bytes, value: bytes) -> None:
+        """Put a value back unless the key was created again meanwhile (BPF_NOEXIST)."""
+        ctypes.memmove(self._value, value, len(value))
+        self._call(BPF_MAP_UPDATE_ELEM, key, flags=1)
+
+
 class BatchReader:
     """Reads a whole hash map with BPF_MAP_LOOKUP_BATCH into reusable flat buffers."""
 

@@ -11,22 +11,19 @@ from __future__ import annotations
 import ctypes
 import socket
 import threading
-import time
-from dataclasses import dataclass
 
 from ebpf import bpfsys, existing, layout, netns
 from ebpf.attribution import Attribution
 from ebpf.endings import Endings
 from ebpf.errors import EbpfUnavailable
+from ebpf.flow_ends import FlowEnds, Reported, epoch_offset_ns
 from ebpf.interfaces import InterfaceAttacher
 from ebpf.layout import FLOW_KEY, FLOW_VAL, ConnId
 from ebpf.loader import cgroup2_mount, load
 from ebpf.observation import (
-    Direction,
     EndCause,
     FlowKey,
     FlowObservation,
-    ProcessInfo,
     SourceStats,
     TcpHealth,
 )
@@ -36,23 +33,9 @@ TCP_FIN, TCP_RST = 0x01, 0x04
 NS_PER_MS = 1_000_000
 
 
-@dataclass(slots=True)
-class Reported:
-    """What the last poll reported for one kernel flow key, kept to skip unchanged flows and
-    to reuse the FlowKey and attribution of changed ones."""
-
-    parts: tuple
-    conn: ConnId
-    last_ns: int = -1
-    value: layout.FlowValue | None = None
-    key: FlowKey | None = None
-    cookie: int = 0
-    process: ProcessInfo | None = None
-    initiated: bool | None = None
-    gen: int = 0
 
 
-class FlowCollector:
+class FlowCollector(FlowEnds):
     """Loads and attaches everything on construction; `close()` detaches everything."""
 
     def __init__(
@@ -80,6 +63,7 @@ class FlowCollector:
         self._socks_fd = fd("socks")
         self._ports_fd = fd("ports")
         self._reader = bpfsys.BatchReader(self._flows_fd, FLOW_KEY.size, FLOW_VAL.size)
+        self._elems = bpfsys.ElemOps(self._flows_fd, FLOW_KEY.size, FLOW_VAL.size)
         self._attacher = InterfaceAttacher(self._loaded.tc_programs)
         self._attacher.sync()
         self._attr = Attribution(
@@ -130,13 +114,13 @@ class FlowCollector:
 
     def release(self, keys: list[FlowKey]) -> None:
         cookies = {state.ns.inode: state.cookie for state in self._attacher.namespaces.values()}
-        now_ms = _epoch_offset_ns()
+        now_ms = epoch_offset_ns()
         for key in keys:
             cookie = cookies.get(key.netns)
             if cookie is None:
                 continue
             kraw = layout.encode_key(key, cookie)
-            raw = bpfsys.lookup_and_delete(self._flows_fd, kraw, FLOW_VAL.size)
+            raw = self._elems.lookup_and_delete(kraw)
             seen = self._reported.pop(kraw, None)
             self._forget_conn_key(layout.conn_of(layout.key_parts(kraw)), kraw)
             if raw is None or seen is None:
@@ -314,7 +298,7 @@ class FlowCollector:
             if prev.parts[7]:  # egress: the socket's cookie and TCP health
                 learn(prev.conn, value)
             decoded.append((kraw, prev, value))
-        offset = _epoch_offset_ns()
+        offset = epoch_offset_ns()
         for kraw, prev, value in decoded:
             prev.last_ns = value.last_ns
             prev.value = value
@@ -367,110 +351,5 @@ class FlowCollector:
             if not keys:
                 del self._conn_keys[conn]
                 self._attr.forget_conn(conn)
-
-    def _socket_ended(self, event: layout.Event, out: list[FlowObservation],
-                      index: dict[bytes, int]) -> None:
-        conns = self._attr.conns_of_cookie(event.cookie)
-        if event.conn is not None:
-            conns.add(event.conn)
-        if event.info is not None:
-            self._attr.remember(event.cookie, event.info)
-        if event.kind == layout.EV_SOCK_RELEASE:
-            self._finish(event.cookie, conns, out, index)
-            return
-        for conn in conns:  # TCP: the flows may outlive the socket (ebpf/endings.py)
-            gens = {k: self._reported[k].gen for k in layout.kernel_keys_of(conn)
-                    if k in self._reported}
-            self._endings.add(conn, event.cookie, event.old_state, gens)
-
-    def _retire(self, kraw: bytes, value: layout.FlowValue, out: list[FlowObservation]) -> None:
-        """The kernel restarted a flow entry for a new connection on the same 5-tuple; value
-        holds the old connection's final counters."""
-        seen = self._retired_seen.pop(kraw, None)
-        current = self._reported.get(kraw)
-        if seen is None:
-            if current is not None and current.gen == value.gen:
-                seen = current
-            else:
-                parts = layout.key_parts(kraw)
-                seen = Reported(parts, layout.conn_of(parts), gen=value.gen)
-        if current is None or current.gen == value.gen:
-            self._reported[kraw] = Reported(seen.parts, seen.conn, gen=value.gen + 1)
-        twin = self._reported.get(layout.twin_key(kraw))
-        twin_flags = twin.value.tcp_flags if twin is not None and twin.value is not None else 0
-        egress = seen.parts[7] == Direction.EGRESS
-        sent, received = (value.tcp_flags, twin_flags) if egress else (twin_flags, value.tcp_flags)
-        cause = _cause_from_flags(sent, received)
-        obs = self._observation(seen, value, _epoch_offset_ns(), cause)
-        if obs is not None:
-            out.append(obs)
-
-    def _finish(self, cookie: int, conns, out: list[FlowObservation],
-                index: dict[bytes, int], gens: dict[bytes, int] | None = None) -> None:
-        """Take the flows' final counters out of the map and report them ended. gens: the
-        generation each key had when the socket closed; a key the kernel has restarted since
-        belongs to a newer connection and is left alone."""
-        offset = _epoch_offset_ns()
-        for conn in conns:
-            kraws = set(self._conn_keys.pop(conn, ()))
-            if conn[1] in (TCP, UDP):
-                kraws.update(layout.kernel_keys_of(conn))
-            finals = []
-            for kraw in kraws:
-                if gens and kraw in gens:
-                    now = bpfsys.lookup(self._flows_fd, kraw, FLOW_VAL.size)
-                    if now is None or layout.decode_value(now).gen != gens[kraw]:
-                        continue
-                raw = bpfsys.lookup_and_delete(self._flows_fd, kraw, FLOW_VAL.size)
-                seen = self._reported.pop(kraw, None)
-                if raw is not None:
-                    if seen is None:
-                        parts = layout.key_parts(kraw)
-                        seen = Reported(parts, layout.conn_of(parts))
-                    finals.append((kraw, seen, layout.decode_value(raw)))
-            for _, seen, value in finals:
-                if seen.parts[7] == Direction.EGRESS:
-                    self._attr.learn_from_egress(conn, value)
-            cause = _end_cause(conn[1], finals)
-            for kraw, seen, value in finals:
-                obs = self._observation(seen, value, offset, cause)
-                if obs is None:
-                    continue
-                if kraw in index:
-                    out[index[kraw]] = obs
-                else:
-                    index[kraw] = len(out)
-                    out.append(obs)
-            self._attr.forget_conn(conn)
-        if not any(c.cookie == cookie for c in self._endings.closing.values()):
-            self._attr.forget_cookie(cookie)
-
-
-def _end_cause(protocol: int, finals) -> EndCause:
-    if protocol != TCP:
-        return EndCause.CLOSED
-    sent = received = 0
-    for _, seen, value in finals:
-        if seen.parts[7] == Direction.EGRESS:
-            sent |= value.tcp_flags
-        else:
-            received |= value.tcp_flags
-    return _cause_from_flags(sent, received)
-
-
-def _cause_from_flags(sent: int, received: int) -> EndCause:
-    if sent & TCP_RST:
-        return EndCause.RST_SENT
-    if received & TCP_RST:
-        return EndCause.RST_RECEIVED
-    if (sent | received) & TCP_FIN:
-        return EndCause.FIN
-    return EndCause.CLOSED
-
-
-def _epoch_offset_ns() -> int:
-    """Add to a bpf_ktime_get_ns() (CLOCK_MONOTONIC) value to get Unix epoch nanoseconds."""
-    return time.time_ns() - time.monotonic_ns()
-
 
 __all__ = ["FlowCollector", "TcpHealth"]

@@ -40,17 +40,37 @@ class Closing:
     handover: bool
     deadline_ns: int
     gens: dict[bytes, int]  # kernel key -> generation when the socket closed
+    keys: list[bytes]  # the connection's two kernel keys
 
 
 class Endings:
     def __init__(self) -> None:
         self.closing: dict[ConnId, Closing] = {}
+        self._cookies: dict[int, int] = {}  # cookie -> connections of it still closing
         self._fin_timeout_ns = fin_timeout_ns()
 
-    def add(self, conn: ConnId, cookie: int, old_state: int, gens: dict[bytes, int]) -> None:
+    def add(self, conn: ConnId, cookie: int, old_state: int, gens: dict[bytes, int]
+            ) -> Closing | None:
+        """Start waiting for conn's end; returns the entry it replaces (an earlier connection
+        on the same 5-tuple, whose flows the kernel retired when the new one began)."""
         handover = old_state in HANDOVER_STATES
         deadline = time.monotonic_ns() + (self._fin_timeout_ns if handover else 0)
-        self.closing[conn] = Closing(cookie, handover, deadline, gens)
+        replaced = self.closing.get(conn)
+        if replaced is not None:
+            self._drop_cookie(replaced.cookie)
+        self.closing[conn] = Closing(cookie, handover, deadline, gens, layout.kernel_keys_of(conn))
+        self._cookies[cookie] = self._cookies.get(cookie, 0) + 1
+        return replaced
+
+    def has_cookie(self, cookie: int) -> bool:
+        return cookie in self._cookies
+
+    def _drop_cookie(self, cookie: int) -> None:
+        left = self._cookies.get(cookie, 0) - 1
+        if left > 0:
+            self._cookies[cookie] = left
+        else:
+            self._cookies.pop(cookie, None)
 
     def ready(self, reported: dict) -> list[tuple[ConnId, int, dict[bytes, int]]]:
         """(connection, cookie, generations) of connections whose flows are final now; they
@@ -59,7 +79,7 @@ class Endings:
         done = []
         for conn, closing in self.closing.items():
             sent = received = last_ns = current = 0
-            for kraw in layout.kernel_keys_of(conn):
+            for kraw in closing.keys:
                 seen = reported.get(kraw)  # collector.Reported of the last poll
                 if seen is None or seen.value is None or seen.gen != closing.gens.get(kraw, 0):
                     continue  # unseen, or a newer connection already took the key
@@ -71,10 +91,11 @@ class Endings:
                     received |= seen.value.tcp_flags
             quiet = now - last_ns >= SETTLE_NS
             finished = (sent | received) & TCP_RST or (sent & received & TCP_FIN)
-            # Every key retired by the kernel (a new connection on the 5-tuple): nothing to wait for.
-            timed_out = now >= closing.deadline_ns or (closing.gens and not current)
+            # Every key retired by the kernel (a new connection took the 5-tuple): done.
+            timed_out = now >= closing.deadline_ns or bool(closing.gens and not current)
             if quiet and (finished or timed_out or not closing.handover):
                 done.append((conn, closing.cookie, closing.gens))
-        for conn, _, _ in done:
+        for conn, cookie, _ in done:
             del self.closing[conn]
+            self._drop_cookie(cookie)
         return done

@@ -136,8 +136,7 @@ def unmap_v4(addr: bytes, family: int) -> tuple[bytes, int]:
     return addr, 6
 
 
-@dataclass(frozen=True, slots=True)
-class SockInfo:
+class SockInfo(NamedTuple):
     netns: int
     process: ProcessInfo
     bound_port: int
@@ -145,12 +144,22 @@ class SockInfo:
     origin: int
 
 
+_processes: dict[tuple, ProcessInfo] = {}
+
+
 def decode_sock_info(raw: bytes, offset: int = 0) -> SockInfo | None:
     netns, cgroup_id, tgid, uid, port, proto, origin, comm = SOCK_INFO.unpack_from(raw, offset)
     if not origin:
         return None
-    name = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
-    return SockInfo(netns, ProcessInfo(tgid, name, uid, cgroup_id), port, proto, origin)
+    # Thousands of sockets share a handful of processes: one ProcessInfo each.
+    ident = (tgid, uid, cgroup_id, comm)
+    process = _processes.get(ident)
+    if process is None:
+        if len(_processes) > 65536:
+            _processes.clear()
+        name = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+        process = _processes[ident] = ProcessInfo(tgid, name, uid, cgroup_id)
+    return SockInfo(netns, process, port, proto, origin)
 
 
 def decode_retired(raw: bytes) -> tuple[bytes, FlowValue]:

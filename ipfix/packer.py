@@ -18,6 +18,7 @@ import struct
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate, repeat, starmap
 from operator import itemgetter
 
@@ -208,13 +209,16 @@ class RecordPacker:
         except _FAST_PATH_ERRORS:
             return self.pack_careful(row, boot_ms)
 
-    def pack_careful(self, row: Sequence, boot_ms: int = 0) -> bytes:
-        """One row, every value checked and made to fit (or refused with IpfixError)."""
+    def check_length(self, row: Sequence) -> None:
         if len(row) != len(self.fields):
             raise IpfixError(
                 f"template {self.template.template_id}: a row of {len(row)} values for "
                 f"{len(self.fields)} fields"
             )
+
+    def pack_careful(self, row: Sequence, boot_ms: int = 0) -> bytes:
+        """One row, every value checked and made to fit (or refused with IpfixError)."""
+        self.check_length(row)
         values = [fit_value(f, v, boot_ms) for f, v in zip(self.fields, row, strict=True)]
         if not self.variable:
             return self._one.pack(*values)
@@ -229,40 +233,48 @@ class RecordPacker:
 
 def _compile(fields: tuple[TemplateField, ...]) -> Callable[[tuple, int], bytes]:
     """A function (row, boot_ms) -> record bytes for this template, generated once: it unpacks
-    the row into locals and makes one struct call per stretch of fixed-length fields; strings go
-    through per-field caches of their encoded form; relative times subtract the boot epoch."""
+    the row into locals and makes a single struct call. Fixed-length strings come from a cache of
+    their encoded form. Variable-length fields (IPFIX) make the record's layout depend on their
+    lengths: the tuple of their values picks, from a cache, a Struct with each one's encoded
+    bytes (length prefix included) as a fixed "Ns" field, and those bytes. Relative times
+    subtract the boot epoch."""
     namespace: dict[str, object] = {}
-    parts: list[str] = []
-    stretch: list[str] = []
-    stretch_format: list[str] = []
-
-    def close_stretch() -> None:
-        if stretch:
-            name = f"pack{len(parts)}"
-            namespace[name] = struct.Struct(">" + "".join(stretch_format)).pack
-            parts.append(f"{name}({', '.join(stretch)})")
-            stretch.clear()
-            stretch_format.clear()
-
+    arguments = []
+    variable = [i for i, f in enumerate(fields) if f.variable]
     for i, f in enumerate(fields):
         value = f"a{i}"
         if f.variable:
-            close_stretch()
-            name = f"var{i}"
-            namespace[name] = _Encoded(lambda v, f=f: encode_variable(fit_value(f, v)))
-            parts.append(f"{name}[{value}]")
-            continue
-        if f.element.type == "string":
-            name = f"text{i}"
-            namespace[name] = _Encoded(lambda v, f=f: fit_value(f, v))
-            value = f"{name}[{value}]"
+            value = f"v{i}"
+        elif f.element.type == "string":
+            namespace[f"text{i}"] = _Encoded(lambda v, f=f: fit_value(f, v))
+            value = f"text{i}[{value}]"
         elif f.relative_time:
             value = f"{value} - boot_ms"
-        stretch.append(value)
-        stretch_format.append(_format_char(f))
-    close_stretch()
+        arguments.append(value)
     unpack = ", ".join(f"a{i}" for i in range(len(fields)))
-    body = " + ".join(parts) if parts else 'b""'
-    source = f"def pack_row(row, boot_ms):\n    ({unpack},) = row\n    return {body}\n"
+    lines = ["def pack_row(row, boot_ms):", f"    ({unpack},) = row"]
+    if variable:
+        namespace["layouts"] = _Encoded(partial(_variable_layout, fields, variable))
+        chosen = ", ".join(f"v{i}" for i in variable)
+        by = ", ".join(f"a{i}" for i in variable)
+        lines.append(f"    pack, {chosen} = layouts[{by},]")
+    else:
+        namespace["pack"] = struct.Struct(">" + "".join(map(_format_char, fields))).pack
+    lines.append(f"    return pack({', '.join(arguments)})")
+    source = "\n".join(lines) + "\n"
     exec(compile(source, f"<packer of {len(fields)} fields>", "exec"), namespace)
     return namespace["pack_row"]  # type: ignore[return-value]
+
+
+def _variable_layout(
+    fields: tuple[TemplateField, ...], variable: list[int], values: tuple
+) -> tuple[Callable[..., bytes], ...]:
+    """For these values of the variable-length fields: a Struct's pack taking their encoded
+    bytes as fixed-length fields, then those bytes in field order."""
+    encoded = {
+        i: encode_variable(fit_value(fields[i], v)) for i, v in zip(variable, values, strict=True)
+    }
+    layout = "".join(
+        f"{len(encoded[i])}s" if i in encoded else _format_char(f) for i, f in enumerate(fields)
+    )
+    return (struct.Struct(">" + layout).pack, *(encoded[i] for i in variable))

@@ -190,6 +190,10 @@ class ExportSession:
                 high = max(ends)
             except TypeError:
                 raise IpfixError("rows: flow times must be integers (epoch ms)") from None
+            except IndexError:
+                for row in rows:
+                    packer.check_length(row)
+                raise
             earliest = low if earliest is None else min(earliest, low)
             latest = high if latest is None else max(latest, high)
         header_ms, moved = uptime.advance(now_ms, earliest, latest)

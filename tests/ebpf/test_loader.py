@@ -125,7 +125,7 @@ def parse_pcap(data: bytes) -> dict[CapKey, Truth]:
 
 
 def collect(collector, done: Callable[[dict[FlowKey, FlowObservation]], bool],
-            timeout_s: float = 5.0) -> dict[FlowKey, FlowObservation]:
+            timeout_s: float = 10.0) -> dict[FlowKey, FlowObservation]:
     """Poll until done(latest observation per key) or timeout; returns the latest per key."""
     latest: dict[FlowKey, FlowObservation] = {}
     deadline = time.monotonic() + timeout_s

@@ -48,6 +48,7 @@ class CaptureFlow:
     payload: int = 0  # TCP payload bytes, retransmissions included
     retrans_payload: int = 0
     fin_s: float | None = None  # time of the first FIN
+    segments: list[tuple[float, int, int, int]] = field(default_factory=list, repr=False)
     rst_s: float | None = None  # time of the first RST
     _isn: int | None = field(default=None, repr=False)
     _next_seq: int = field(default=0, repr=False)
@@ -67,7 +68,7 @@ class CaptureFlow:
         self.octets += ip_octets
         self.last_s = ts
 
-    def add_tcp(self, seq: int, flags: int, payload: int, ip_octets: int) -> None:
+    def add_tcp(self, seq: int, ack: int, flags: int, payload: int, ip_octets: int) -> None:
         """Retransmission = a segment whose sequence space starts below what was already sent."""
         self.tcp_flags |= flags
         self.syn += bool(flags & 0x02)
@@ -79,6 +80,7 @@ class CaptureFlow:
         if flags & 0x04 and self.rst_s is None:
             self.rst_s = self.last_s
         seq_len = payload + bool(flags & 0x02) + bool(flags & 0x01)
+        self.segments.append((self.last_s, seq, ack if flags & 0x10 else -1, seq_len))
         if self._isn is None:
             self._isn = seq
         relative = (seq - self._isn) % (1 << 32)
@@ -89,6 +91,28 @@ class CaptureFlow:
             self.retrans_bytes += ip_octets
             self.retrans_payload += payload
         self._next_seq = max(self._next_seq, relative + seq_len)
+
+
+def rtt_samples_ms(sent: CaptureFlow, returned: CaptureFlow) -> list[float]:
+    """RTT samples as the sender of `sent` takes them (Karn's rule: segments sent once only):
+    time from a segment to the first packet of `returned` acknowledging all of it."""
+    counts: dict[int, int] = {}
+    for _, seq, _, seq_len in sent.segments:
+        if seq_len:
+            counts[seq] = counts.get(seq, 0) + 1
+    acks = [(ts, ack) for ts, _, ack, _ in returned.segments if ack >= 0]
+    samples, start = [], 0
+    for ts, seq, _, seq_len in sent.segments:
+        if not seq_len or counts[seq] > 1:
+            continue
+        end = (seq + seq_len) % (1 << 32)
+        while start < len(acks) and acks[start][0] < ts:
+            start += 1
+        for ack_ts, ack in acks[start:]:
+            if (ack - end) % (1 << 32) < (1 << 31):  # ack >= end, modulo sequence wrap
+                samples.append((ack_ts - ts) * 1000)
+                break
+    return samples
 
 
 @dataclass
@@ -206,10 +230,10 @@ def parse_pcap(path: Path, local_macs: set[str], local_addrs: set[bytes]
                                     CaptureFlow())
             flow.add(meta.sec + meta.usec / 1e6, octets)
             if proto == 6:
-                seq = struct.unpack_from("!I", frame, l4 + 4)[0]
+                seq, ack = struct.unpack_from("!II", frame, l4 + 4)
                 flags = frame[l4 + 13]
                 payload = octets - (l4 - offset) - (frame[l4 + 12] >> 4) * 4
-                flow.add_tcp(seq, flags, payload, octets)
+                flow.add_tcp(seq, ack, flags, payload, octets)
     return flows
 
 
@@ -264,7 +288,7 @@ def parse_pcap_dissected(path: Path, local_macs: set[str], local_addrs: set[byte
             flow.add(float(packet.time), octets)
             if isinstance(l4, TCP):
                 payload = octets - ip_header - l4.dataofs * 4
-                flow.add_tcp(l4.seq, int(l4.flags), payload, octets)
+                flow.add_tcp(l4.seq, l4.ack, int(l4.flags), payload, octets)
     return flows
 
 

@@ -1,0 +1,148 @@
+"""End of flow in the collector: sockets that ended, and flows the kernel retired.
+
+A mixin of FlowCollector (it works on the collector's maps and caches); kept apart so the
+collector module stays about reading live flows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ebpf import layout
+from ebpf.layout import ConnId
+from ebpf.observation import Direction, EndCause, FlowKey, FlowObservation, ProcessInfo
+
+TCP, UDP = 6, 17
+TCP_FIN, TCP_RST = 0x01, 0x04
+
+
+@dataclass(slots=True)
+class Reported:
+    """What the last poll reported for one kernel flow key, kept to skip unchanged flows and
+    to reuse the FlowKey and attribution of changed ones."""
+
+    parts: tuple
+    conn: ConnId
+    last_ns: int = -1
+    value: layout.FlowValue | None = None
+    key: FlowKey | None = None
+    cookie: int = 0
+    process: ProcessInfo | None = None
+    initiated: bool | None = None
+    gen: int = 0
+
+
+class FlowEnds:
+    """End-of-flow handling of FlowCollector (see the collector for the attributes)."""
+
+    def _socket_ended(self, event: layout.Event, out: list[FlowObservation],
+                      index: dict[bytes, int]) -> None:
+        conns = self._attr.conns_of_cookie(event.cookie)
+        if event.conn is not None:
+            conns.add(event.conn)
+        if event.info is not None:
+            self._attr.remember(event.cookie, event.info)
+        if event.kind == layout.EV_SOCK_RELEASE:
+            self._finish(event.cookie, conns, out, index)
+            return
+        for conn in conns:  # TCP: the flows may outlive the socket (ebpf/endings.py)
+            gens = {k: self._reported[k].gen for k in layout.kernel_keys_of(conn)
+                    if k in self._reported}
+            replaced = self._endings.add(conn, event.cookie, event.old_state, gens)
+            if replaced is not None and replaced.cookie != event.cookie:
+                self._attr.forget_cookie(replaced.cookie)
+
+    def _take(self, kraw: bytes, gen: int | None) -> bytes | None:
+        """Remove a flow entry and return its value, unless a newer connection (another
+        generation than gen) holds it now: then it goes back and None is returned."""
+        raw = self._elems.lookup_and_delete(kraw)
+        if raw is None or gen is None or layout.decode_value(raw).gen == gen:
+            return raw
+        self._elems.restore(kraw, raw)
+        return None
+
+    def _retire(self, kraw: bytes, value: layout.FlowValue, out: list[FlowObservation]) -> None:
+        """The kernel restarted a flow entry for a new connection on the same 5-tuple; value
+        holds the old connection's final counters."""
+        seen = self._retired_seen.pop(kraw, None)
+        current = self._reported.get(kraw)
+        if seen is None:
+            if current is not None and current.gen == value.gen:
+                seen = current
+            else:
+                parts = layout.key_parts(kraw)
+                seen = Reported(parts, layout.conn_of(parts), gen=value.gen)
+        if current is None or current.gen == value.gen:
+            self._reported[kraw] = Reported(seen.parts, seen.conn, gen=value.gen + 1)
+        twin = self._reported.get(layout.twin_key(kraw))
+        twin_flags = twin.value.tcp_flags if twin is not None and twin.value is not None else 0
+        egress = seen.parts[7] == Direction.EGRESS
+        sent, received = (value.tcp_flags, twin_flags) if egress else (twin_flags, value.tcp_flags)
+        cause = _cause_from_flags(sent, received)
+        obs = self._observation(seen, value, epoch_offset_ns(), cause)
+        if obs is not None:
+            out.append(obs)
+
+    def _finish(self, cookie: int, conns, out: list[FlowObservation],
+                index: dict[bytes, int], gens: dict[bytes, int] | None = None) -> None:
+        """Take the flows' final counters out of the map and report them ended. gens: the
+        generation each key had when the socket closed; a key the kernel has restarted since
+        belongs to a newer connection and is left alone."""
+        offset = epoch_offset_ns()
+        for conn in conns:
+            kraws = set(self._conn_keys.pop(conn, ()))
+            if conn[1] in (TCP, UDP):
+                kraws.update(layout.kernel_keys_of(conn))
+            finals = []
+            for kraw in kraws:
+                raw = self._take(kraw, gens.get(kraw) if gens else None)
+                seen = self._reported.pop(kraw, None)
+                if raw is not None:
+                    if seen is None:
+                        parts = layout.key_parts(kraw)
+                        seen = Reported(parts, layout.conn_of(parts))
+                    finals.append((kraw, seen, layout.decode_value(raw)))
+            for _, seen, value in finals:
+                if seen.parts[7] == Direction.EGRESS:
+                    self._attr.learn_from_egress(conn, value)
+            cause = _end_cause(conn[1], finals)
+            for kraw, seen, value in finals:
+                obs = self._observation(seen, value, offset, cause)
+                if obs is None:
+                    continue
+                if kraw in index:
+                    out[index[kraw]] = obs
+                else:
+                    index[kraw] = len(out)
+                    out.append(obs)
+            self._attr.forget_conn(conn)
+        if not self._endings.has_cookie(cookie):
+            self._attr.forget_cookie(cookie)
+
+
+def _end_cause(protocol: int, finals) -> EndCause:
+    if protocol != TCP:
+        return EndCause.CLOSED
+    sent = received = 0
+    for _, seen, value in finals:
+        if seen.parts[7] == Direction.EGRESS:
+            sent |= value.tcp_flags
+        else:
+            received |= value.tcp_flags
+    return _cause_from_flags(sent, received)
+
+
+def _cause_from_flags(sent: int, received: int) -> EndCause:
+    if sent & TCP_RST:
+        return EndCause.RST_SENT
+    if received & TCP_RST:
+        return EndCause.RST_RECEIVED
+    if (sent | received) & TCP_FIN:
+        return EndCause.FIN
+    return EndCause.CLOSED
+
+
+def epoch_offset_ns() -> int:
+    """Add to a bpf_ktime_get_ns() (CLOCK_MONOTONIC) value to get Unix epoch nanoseconds."""
+    return time.time_ns() - time.monotonic_ns()

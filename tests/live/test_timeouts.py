@@ -1,0 +1,161 @@
+"""Long flows split by the active timeout, and a collector restarted while the agent runs.
+
+One `flowbridge run --active-timeout 2 --idle-timeout 2 --template-refresh 2` exports IPFIX
+(standard profile) to nfcapd and to an ExportWatcher, which the tests read while the agent runs
+to know when the records are out. The lab joins the namespaces through the wire
+namespace (NetLab(wire=True)) so a delay can stretch a transfer over several seconds; the agent
+also sees those frames pass through the wire namespace, and the interface index in each record
+keeps the two ends' records apart from those (tests/live/expect.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.harness.collector_common import Flow
+from tests.harness.collectors import Nfcapd
+from tests.harness.netlab import NetLab
+from tests.live.agent_process import AgentProcess, write_config
+from tests.live.conftest import require_live
+from tests.live.watcher import ExportWatcher
+from tests.live.expect import (
+    END_OF_FLOW,
+    Expected,
+    diff_single,
+    diff_split,
+    expected_records,
+    records_of,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.collectors]
+
+KIB = 1024
+ACTIVE_TIMEOUT_S = 2
+TEMPLATE_REFRESH_S = 2
+# A request/response transfer: each round is at least one round trip, 2 x 40 ms through the wire.
+WIRE_DELAY_MS = 40
+ROUNDS = [(4 * KIB, 32 * KIB)] * 75
+EXPORT_WAIT_S = 10.0
+
+
+@dataclass
+class Timeouts:
+    lab: NetLab
+    agent: AgentProcess
+    nfcapd: Nfcapd  # the collector of the moment: test_collector_restart replaces it
+    watcher: ExportWatcher
+    workdir: Path
+
+    def wait_exported(self, expected: list[Expected], timeout: float = EXPORT_WAIT_S
+                      ) -> list[Flow]:
+        """Until the watcher holds an end-of-flow record of each expected direction."""
+        deadline = time.monotonic() + timeout
+        while True:
+            flows = self.watcher.flows()
+            if all(any(f.get("flowEndReason") == END_OF_FLOW for f in records_of(flows, want))
+                   for want in expected) or time.monotonic() > deadline:
+                return flows
+            time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def timeouts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Timeouts]:
+    require_live("nfcapd", "nfdump", "tcpdump")
+    workdir = tmp_path_factory.mktemp("timeouts")
+    with NetLab(wire=True) as lab, Nfcapd(4) as nfcapd, ExportWatcher(4) as watcher:
+        config = write_config(workdir / "flowbridge.toml", [
+            {"address": f"127.0.0.1:{nfcapd.port}", "profile": "standard"},
+            {"address": f"127.0.0.1:{watcher.port}", "profile": "standard"},
+        ])
+        args = ["--config", str(config), "--active-timeout", str(ACTIVE_TIMEOUT_S),
+                "--idle-timeout", str(ACTIVE_TIMEOUT_S), "--template-refresh",
+                str(TEMPLATE_REFRESH_S)]
+        with AgentProcess(args, workdir) as agent:
+            agent.wait_ready()
+            state = Timeouts(lab, agent, nfcapd, watcher, workdir)
+            yield state
+            assert agent.stop() == 0, agent.log()[-3000:]
+            assert agent.problems() == [], "\n".join(agent.problems())
+        state.nfcapd.close()
+
+
+def test_active_timeout_splits_a_long_transfer(timeouts: Timeouts) -> None:
+    lab = timeouts.lab
+    lab.impair(delay_ms=WIRE_DELAY_MS)
+    try:
+        with lab.capture(lab.host, "client") as client_cap, \
+                lab.capture(lab.peer, "server") as server_cap:
+            started = time.monotonic()
+            exchange = lab.tcp(client=lab.host, server=lab.peer, version=4, rounds=ROUNDS,
+                               ending="fin-client")
+            duration = time.monotonic() - started
+    finally:
+        lab.impair()
+    expected = expected_records(exchange, lab.host, lab.peer, client_cap.flows(),
+                                server_cap.flows())
+    assert len(expected) == 4, [w.label() for w in expected]
+    assert duration >= 3 * ACTIVE_TIMEOUT_S, f"the transfer took only {duration:.1f} s"
+    timeouts.wait_exported(expected)
+    timeouts.nfcapd.stop()
+    # >= 3 records per direction: a transfer of 3 active timeouts or more.
+    min_records = int(duration // ACTIVE_TIMEOUT_S)
+    problems = diff_split("nfdump", timeouts.nfcapd.flows(), expected, min_records=min_records)
+    assert not problems, "\n".join(problems)
+
+
+def nfcapd_on_port(port: int) -> Nfcapd:
+    """A new nfcapd bound to `port` (the one the agent exports to), not a free one."""
+    collector = Nfcapd(4)
+    collector.port = port
+    argv = collector.daemon.argv
+    argv[argv.index("-p") + 1] = str(port)
+    return collector
+
+
+def test_restarted_collector_decodes_within_the_refresh_interval(timeouts: Timeouts) -> None:
+    """nfcapd forgets templates when it restarts; data before the next template refresh is
+    dropped (collectors.md 1.1 rows 5-6). Connections run back to back after the restart: those
+    whose records leave after one refresh interval must all be decoded exactly, and the first
+    decoded one must have left within two intervals of the restart."""
+    lab = timeouts.lab
+    old = timeouts.nfcapd
+    old.stop()
+    time.sleep(0.5)  # the agent's exports meanwhile go nowhere (ICMP unreachable, not fatal)
+    timeouts.nfcapd = new = nfcapd_on_port(old.port)
+    old.close()
+    new.start()
+    restarted = time.monotonic()
+    connections: list[tuple[float, object]] = []
+    with lab.capture(lab.host, "client") as client_cap, \
+            lab.capture(lab.peer, "server") as server_cap:
+        while time.monotonic() - restarted < 3 * TEMPLATE_REFRESH_S:
+            exchange = lab.tcp(client=lab.host, server=lab.peer, version=4,
+                               rounds=[(3000, 7000)], ending="fin-server")
+            connections.append((time.monotonic() - restarted, exchange))
+            time.sleep(0.2)
+    client_flows, server_flows = client_cap.flows(), server_cap.flows()
+    expected = [expected_records(exchange, lab.host, lab.peer, client_flows, server_flows)
+                for _, exchange in connections]
+    timeouts.wait_exported(expected[-1])
+    time.sleep(0.5)  # the watcher and nfcapd receive the same messages; let nfcapd read them
+    new.stop()
+    flows = new.flows()
+    decoded = [not diff_single("nfdump", flows, want) for want in expected]
+    ended_at = [at for at, _ in connections]
+    assert any(decoded), f"no connection decoded after the restart ({len(connections)} ran)"
+    first = decoded.index(True)
+    assert ended_at[first] <= 2 * TEMPLATE_REFRESH_S, (
+        f"first decoded connection ended {ended_at[first]:.1f} s after the restart")
+    problems = []
+    for index in range(first, len(expected)):
+        if ended_at[index] >= TEMPLATE_REFRESH_S or index == first:
+            problems += diff_single("nfdump", flows, expected[index])
+    assert not problems, "\n".join(problems)
+    assert len([d for d, at in zip(decoded, ended_at, strict=True) if at >= TEMPLATE_REFRESH_S
+                ]) >= 3, "too few connections after one refresh interval to judge"
+    assert (new.sequence_errors(), new.bad_packets()) == (0, 0), new.log()[-2000:]
