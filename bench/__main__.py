@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ALL = ["encode", "pipeline", "overhead"]
+ALL = ["encode", "pipeline", "overhead", "churn"]
 
 
 def main(argv: list[str]) -> int:

@@ -19,6 +19,7 @@ COMMANDS = {
         "Export synthetic flows to load-test a collector.",
     ),
     "doctor": ("bridge.cli.doctor", "doctor", "Check that this host can run the agent."),
+    "top": ("bridge.cli.top", "top", "Show the host's flows live (per process, per host)."),
 }
 
 

@@ -82,6 +82,13 @@ def _number(text: str | None, flag: str, kind: type = float) -> float | int | No
     type=click.Choice(["debug", "info", "warning", "error"]),
     show_default=True,
 )
+@click.option(
+    "--state-socket",
+    metavar="PATH",
+    help="Serve live flows to `flowbridge top` here; '' turns it off. "
+    "Default with eBPF: /run/flowbridge/state.sock.",
+)
+@click.option("--user", "run_as", metavar="NAME", help="After attaching, drop to this user.")
 @click.option("--source", "source_spec", default="ebpf", hidden=True)
 def run(
     config_path: str | None,
@@ -101,6 +108,8 @@ def run(
     metrics: str | None,
     biflow: bool | None,
     log_level: str,
+    state_socket: str | None,
+    run_as: str | None,
     source_spec: str,
 ) -> None:
     """Collect flows with eBPF and export them to every collector.
@@ -133,14 +142,37 @@ def run(
     )
     config = build_config(config_path, overrides)
 
+    # -- operator hooks (bridge/state.py, bridge/privileges.py) --
+    from bridge import privileges, state
     from bridge.agent import Agent
 
+    account = privileges.lookup_user(run_as) if run_as else None
+    if account is not None:
+        probe = privileges.map_access_after_drop(account)
+        if not probe.ok:
+            raise UserError(f"--user {run_as}: {probe.detail}")
+    state_path = state_socket
+    if state_path is None and source_spec == "ebpf":
+        state_path = state.DEFAULT_PATH
+    # -- end of operator hooks --
     source = open_source(source_spec, config.cgroup)
+    table = None
+    if state_path:
+        source, table = state.tee_source(source, config.idle_timeout)
     try:
         agent = Agent(config, source, printer=lambda line: print(line, flush=True))
     except BaseException:
         source.close()
         raise
+    state_server = None
+    if table is not None:
+        try:
+            state_server = state.serve_for_agent(
+                state_path, table, agent, explicit=state_socket is not None
+            )
+        except UserError:
+            agent.shutdown(drain_seconds=0)
+            raise
     if config.metrics:
         from bridge.metrics import serve_metrics
 
@@ -151,8 +183,22 @@ def run(
             raise
         log.info("metrics on http://%s/metrics", config.metrics)
 
+    if account is not None:  # everything privileged is done: programs attached, sockets bound
+        try:
+            privileges.stop_interface_discovery(getattr(source, "source", source))
+            privileges.drop_privileges(account)
+        except (UserError, OSError) as exc:
+            if state_server is not None:
+                state_server.close()
+            agent.shutdown(drain_seconds=0)
+            raise UserError(f"--user {run_as}: {exc}") from None
+
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
-    agent.run(load_config=lambda: build_config(config_path, overrides))
+    try:
+        agent.run(load_config=lambda: build_config(config_path, overrides))
+    finally:
+        if state_server is not None:
+            state_server.close()
     log.info("stopped")

@@ -81,8 +81,9 @@ def expected_records(exchange: Exchange, client: Endpoint, server: Endpoint,
 
 def records_of(flows: Iterable[Flow], expected: Expected) -> list[Flow]:
     """The collector's records of one expected direction, oldest first."""
-    return sorted((f for f in flows if expected.matches(f)),
-                  key=lambda f: (f.get("flowStartMilliseconds", 0), f.get("flowEndMilliseconds", 0)))
+    found = [f for f in flows if expected.matches(f)]
+    return sorted(found, key=lambda f: (f.get("flowStartMilliseconds", 0),
+                                        f.get("flowEndMilliseconds", 0)))
 
 
 def _time_problem(name: str, have: object, want_ms: float, whole_seconds: bool) -> str | None:

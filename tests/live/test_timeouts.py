@@ -22,7 +22,6 @@ from tests.harness.collectors import Nfcapd
 from tests.harness.netlab import NetLab
 from tests.live.agent_process import AgentProcess, write_config
 from tests.live.conftest import require_live
-from tests.live.watcher import ExportWatcher
 from tests.live.expect import (
     END_OF_FLOW,
     Expected,
@@ -31,6 +30,7 @@ from tests.live.expect import (
     expected_records,
     records_of,
 )
+from tests.live.watcher import ExportWatcher
 
 pytestmark = [pytest.mark.root, pytest.mark.collectors]
 
@@ -50,6 +50,9 @@ class Timeouts:
     nfcapd: Nfcapd  # the collector of the moment: test_collector_restart replaces it
     watcher: ExportWatcher
     workdir: Path
+
+    def assert_agent_alive(self) -> None:
+        assert self.agent.running(), f"the agent died:\n{self.agent.log()[-3000:]}"
 
     def wait_exported(self, expected: list[Expected], timeout: float = EXPORT_WAIT_S
                       ) -> list[Flow]:
@@ -94,6 +97,8 @@ def test_active_timeout_splits_a_long_transfer(timeouts: Timeouts) -> None:
             exchange = lab.tcp(client=lab.host, server=lab.peer, version=4, rounds=ROUNDS,
                                ending="fin-client")
             duration = time.monotonic() - started
+            # The last ACK reaches the server one round trip after the processes are done.
+            time.sleep(4 * WIRE_DELAY_MS / 1000)
     finally:
         lab.impair()
     expected = expected_records(exchange, lab.host, lab.peer, client_cap.flows(),
@@ -101,6 +106,7 @@ def test_active_timeout_splits_a_long_transfer(timeouts: Timeouts) -> None:
     assert len(expected) == 4, [w.label() for w in expected]
     assert duration >= 3 * ACTIVE_TIMEOUT_S, f"the transfer took only {duration:.1f} s"
     timeouts.wait_exported(expected)
+    timeouts.assert_agent_alive()
     timeouts.nfcapd.stop()
     # >= 3 records per direction: a transfer of 3 active timeouts or more.
     min_records = int(duration // ACTIVE_TIMEOUT_S)
@@ -142,6 +148,7 @@ def test_restarted_collector_decodes_within_the_refresh_interval(timeouts: Timeo
     expected = [expected_records(exchange, lab.host, lab.peer, client_flows, server_flows)
                 for _, exchange in connections]
     timeouts.wait_exported(expected[-1])
+    timeouts.assert_agent_alive()
     time.sleep(0.5)  # the watcher and nfcapd receive the same messages; let nfcapd read them
     new.stop()
     flows = new.flows()
