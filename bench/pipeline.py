@@ -119,8 +119,10 @@ def flows_pcap(flows: int) -> Path:
     template = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
     for i in range(flows):
         src, dst, port = addresses(i)
-        packet = template / IP(src=socket.inet_ntoa(src), dst=socket.inet_ntoa(dst)) / TCP(
-            sport=port, dport=443, flags="FA", seq=1, ack=1
+        packet = (
+            template
+            / IP(src=socket.inet_ntoa(src), dst=socket.inet_ntoa(dst))
+            / TCP(sport=port, dport=443, flags="FA", seq=1, ack=1)
         )
         packet.time = T0 / 1000 + i / 1e6
         writer.write(packet)
@@ -175,7 +177,7 @@ def softflowd_rate(protocol: str, flows: int, rounds: int) -> float | None:
             collector = Collector()
             command = [
                 binary, "-r", str(pcap), "-n", f"127.0.0.1:{collector.port}",
-                "-v", SOFTFLOWD_VERSION[protocol], "-m", str(flows + 1), "-d",
+                "-v", SOFTFLOWD_VERSION[protocol], "-m", str(flows + 1),
                 "-c", f"{scratch}/ctl", "-p", f"{scratch}/pid",
             ]  # fmt: skip
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

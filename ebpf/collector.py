@@ -89,12 +89,14 @@ class FlowCollector(FlowEnds):
     # -- ObservationSource ----------------------------------------------------------------------
 
     def poll(self, timeout_ms: int) -> list[FlowObservation]:
+        # The kernel submits events without wakeups (BPF_RB_NO_WAKEUP): this only sleeps, so
+        # under churn a poll gathers timeout_ms of work instead of returning per event.
         self._loaded.bpf.ring_buffer_poll(max(0, int(timeout_ms)))  # type: ignore[attr-defined]
         self._attr.new_poll()
         self._rescanned = False
         out, index = self._pending, {}
         self._pending = []
-        self._read_live(out, index)
+        live = self._read_live()
         self._loaded.bpf.ring_buffer_consume()  # type: ignore[attr-defined]
         raw, self._raw_events = self._raw_events, []
         retired: list[FlowObservation] = []
@@ -109,6 +111,14 @@ class FlowCollector(FlowEnds):
         for conn, cookie, gens in self._endings.ready(self._reported):
             self._finish(cookie, [conn], out, index, gens)
         self._retired_seen.clear()
+        # Live flows last: one that ended in this poll is reported once, with its final counters.
+        offset = epoch_offset_ns()
+        observation = self._observation
+        for kraw, prev in live:
+            if kraw not in index:
+                obs = observation(prev, prev.value, offset, EndCause.NONE)
+                if obs is not None:
+                    out.append(obs)
         # A retired flow is an earlier connection than anything read live under its key.
         return retired + out if retired else out
 
@@ -261,7 +271,9 @@ class FlowCollector(FlowEnds):
             inode = self._attacher.cookie_to_inode.get(cookie)
         return inode or 0
 
-    def _read_live(self, out: list[FlowObservation], index: dict[bytes, int]) -> None:
+    def _read_live(self) -> list[tuple[bytes, Reported]]:
+        """(kernel key, its Reported updated to the value just read) of every flow that changed
+        since the last poll."""
         reported = self._reported
         ksize, vsize = FLOW_KEY.size, FLOW_VAL.size
         last_at = layout.FLOW_VAL_LAST_NS_OFFSET
@@ -280,8 +292,9 @@ class FlowCollector(FlowEnds):
                 if prev is None or prev.last_ns != last_ns:
                     changed.append((kraw, i, values, prev))
         self._flows_in_map = total
-        decoded = []
+        live = []
         learn = self._attr.learn_from_egress
+        decode_value = layout.decode_value
         for kraw, i, values, prev in changed:
             if prev is None:
                 parts = layout.key_parts(kraw)
@@ -289,7 +302,7 @@ class FlowCollector(FlowEnds):
                 reported[kraw] = prev
                 if parts[5] not in (TCP, UDP):  # TCP/UDP keys follow from the connection
                     self._conn_keys.setdefault(prev.conn, set()).add(kraw)
-            value = layout.decode_value(values, i * vsize)
+            value = decode_value(values, i * vsize)
             if value.gen != prev.gen:
                 # A new connection took this key (the kernel retired the old flow): start over.
                 self._retired_seen[kraw] = prev
@@ -297,15 +310,10 @@ class FlowCollector(FlowEnds):
                 reported[kraw] = prev
             if prev.parts[7]:  # egress: the socket's cookie and TCP health
                 learn(prev.conn, value)
-            decoded.append((kraw, prev, value))
-        offset = epoch_offset_ns()
-        for kraw, prev, value in decoded:
             prev.last_ns = value.last_ns
             prev.value = value
-            obs = self._observation(prev, value, offset, EndCause.NONE)
-            if obs is not None:
-                index[kraw] = len(out)
-                out.append(obs)
+            live.append((kraw, prev))
+        return live
 
     def _observation(self, seen: Reported, value: layout.FlowValue, offset: int,
                      end: EndCause) -> FlowObservation | None:

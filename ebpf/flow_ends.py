@@ -53,12 +53,15 @@ class FlowEnds:
             if replaced is not None and replaced.cookie != event.cookie:
                 self._attr.forget_cookie(replaced.cookie)
 
-    def _take(self, kraw: bytes, gen: int | None) -> bytes | None:
+    def _take(self, kraw: bytes, gen: int | None) -> layout.FlowValue | None:
         """Remove a flow entry and return its value, unless a newer connection (another
         generation than gen) holds it now: then it goes back and None is returned."""
         raw = self._elems.lookup_and_delete(kraw)
-        if raw is None or gen is None or layout.decode_value(raw).gen == gen:
-            return raw
+        if raw is None:
+            return None
+        value = layout.decode_value(raw)
+        if gen is None or value.gen == gen:
+            return value
         self._elems.restore(kraw, raw)
         return None
 
@@ -96,13 +99,13 @@ class FlowEnds:
                 kraws.update(layout.kernel_keys_of(conn))
             finals = []
             for kraw in kraws:
-                raw = self._take(kraw, gens.get(kraw) if gens else None)
+                value = self._take(kraw, gens.get(kraw) if gens else None)
                 seen = self._reported.pop(kraw, None)
-                if raw is not None:
+                if value is not None:
                     if seen is None:
                         parts = layout.key_parts(kraw)
                         seen = Reported(parts, layout.conn_of(parts))
-                    finals.append((kraw, seen, layout.decode_value(raw)))
+                    finals.append((kraw, seen, value))
             for _, seen, value in finals:
                 if seen.parts[7] == Direction.EGRESS:
                     self._attr.learn_from_egress(conn, value)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from ebpf.observation import Direction, FlowKey, ProcessInfo
@@ -172,8 +171,7 @@ def event_kind(raw: bytes) -> int:
     return RETIRED_HEADER.unpack_from(raw)[0]
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):  # one per ended socket: a tuple is the cheapest to build
     kind: int
     old_state: int
     cookie: int

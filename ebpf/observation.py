@@ -29,7 +29,10 @@ class EndCause(IntEnum):
     CLOSED = 4  # the socket went away without a TCP ending (UDP, ICMP, abort)
 
 
-@dataclass(frozen=True, slots=True)
+# The per-flow classes below are built for every flow a poll reports (100k+ per poll): a frozen
+# dataclass's __init__ (object.__setattr__ per field) costs 3x a plain slotted one. They stay
+# hashable by value (unsafe_hash); treat them as immutable all the same.
+@dataclass(slots=True, unsafe_hash=True)
 class FlowKey:
     """One direction of one flow, in one network namespace."""
 
@@ -53,7 +56,7 @@ class ProcessInfo:
     cgroup_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class TcpHealth:
     """Socket-level TCP state (both directions share one socket)."""
 
@@ -65,7 +68,7 @@ class TcpHealth:
     state: int  # TCP state as in include/net/tcp_states.h (1 ESTABLISHED ... 12 NEW_SYN_RECV)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class FlowObservation:
     key: FlowKey
     ifindex: int  # interface the packets went through (0 = unknown)

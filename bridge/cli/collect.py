@@ -87,7 +87,14 @@ def table_row(record: dict) -> str:
     help="Stop after this many seconds without a datagram.",
 )
 def collect(listen: str, as_json: bool, count: int | None, timeout: float | None) -> None:
-    """Receive IPFIX, NetFlow v9 and v5 over UDP and print the flows."""
+    """Receive IPFIX, NetFlow v9 and v5 over UDP and print the flows.
+
+    \b
+    Examples:
+      flowbridge collect                               # 127.0.0.1:4739, a table
+      flowbridge collect --listen [::]:2055 --json     # JSON lines (replay's input form)
+      flowbridge collect --count 100 --timeout 5 > flows.jsonl
+    """
     host, port = parse_host_port(listen, "--listen")
     sock = open_listener(host, port)
     sock.settimeout(timeout)

@@ -10,7 +10,12 @@ import click
 @click.command("doctor", short_help="Check that this host can run the agent.")
 def doctor() -> None:
     """Check kernel, cgroup v2, bcc, kernel headers, privileges and every BPF hook the agent
-    needs (by loading it). Exit status 1 when the agent cannot run here."""
+    needs (by loading it). Exit status 1 when the agent cannot run here.
+
+    \b
+    Example:
+      sudo flowbridge doctor
+    """
     from ebpf.preflight import run_checks
 
     checks = run_checks()

@@ -130,7 +130,13 @@ def generate(
     domain_id: int,
     max_message_size: int,
 ) -> None:
-    """Export synthetic flows (TCP/UDP/ICMP, IPv4/IPv6) to load-test a collector."""
+    """Export synthetic flows (TCP/UDP/ICMP, IPv4/IPv6) to load-test a collector.
+
+    \b
+    Examples:
+      flowbridge generate --collector 127.0.0.1:4739
+      flowbridge generate --collector 127.0.0.1:9995 --protocol v9
+    """
     now_ms = int(time.time() * 1000)
     profile = profile_for(protocol, profile_name)
     wanted = set(profile.fields)

@@ -123,7 +123,13 @@ def replay(
     max_message_size: int,
     rate: float,
 ) -> None:
-    """Export flow records read from JSON lines in FILE ('-' for stdin)."""
+    """Export flow records read from JSON lines in FILE ('-' for stdin).
+
+    \b
+    Examples:
+      flowbridge replay flows.jsonl --collector 127.0.0.1:4739
+      flowbridge collect --json | flowbridge replay - --collector 10.0.0.5:2055
+    """
     host, port = parse_host_port(collector, "--collector")
     profile = profile_for(protocol, profile_name)
     session = make_session(protocol, profile, domain_id, max_message_size)

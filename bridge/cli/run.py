@@ -115,7 +115,15 @@ def run(
     """Collect flows with eBPF and export them to every collector.
 
     SIGTERM/SIGINT export every live flow (forced end) and exit 0; SIGHUP reloads the
-    configuration and keeps the flows."""
+    configuration and keeps the flows.
+
+    \b
+    Examples:
+      sudo flowbridge run                                  # print flows here
+      sudo flowbridge run --collector 10.0.0.5:4739 --profile ntop
+      sudo flowbridge run --collector 10.0.0.5:2055 --protocol v9 --user nobody
+      sudo flowbridge run --config /etc/flowbridge/flowbridge.toml --metrics 127.0.0.1:9465
+    """
     _configure_logging(log_level)
     overrides = Overrides(
         collectors=collectors,

@@ -74,6 +74,8 @@ class Station:
     name: str
     entries: list[tuple[str, str]]  # (protocol, profile) exported to every collector here
     template_refresh: float | None = None
+    # split: the first entry goes to nfcapd (and its capture) only, the second to nfacctd only
+    split: bool = False
     nfcapd: Nfcapd = field(init=False)
     tshark: TsharkCapture = field(init=False)
     nfacctd: Nfacctd = field(init=False)
@@ -86,10 +88,11 @@ class Station:
     def config_entries(self) -> list[dict[str, object]]:
         extra = {} if self.template_refresh is None else {
             "template_refresh": self.template_refresh}
+        ports = (self.nfcapd.port, self.nfacctd.port)
+        pairs = (list(zip(self.entries, ports, strict=True)) if self.split
+                 else [(entry, port) for entry in self.entries for port in ports])
         return [{"address": f"127.0.0.1:{port}", "protocol": protocol, "profile": profile,
-                 **extra}
-                for protocol, profile in self.entries
-                for port in (self.nfcapd.port, self.nfacctd.port)]
+                 **extra} for (protocol, profile), port in pairs]
 
     def starters(self) -> list[Callable[[], object]]:
         return [self.tshark.start, self.nfcapd.start, self.nfacctd.start]

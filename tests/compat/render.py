@@ -46,6 +46,8 @@ def _mark(results: Results, cell: str) -> str:
     status = results.status.get(cell)
     if status is None:
         return "? (not run)"
+    if status == NOT_APPLICABLE and results.checked.get(cell, "").startswith("not installable"):
+        return "not installable here"
     return MARKS.get(status, "✘ FAILS")
 
 
@@ -77,7 +79,8 @@ def render_matrix(results: Results) -> str:
         for collector in COLLECTORS:
             marks = [f"{source} {_mark(results, format_cell(source, protocol, profile, collector))}"
                      for source in SOURCES]
-            row.append(", ".join(marks) if collector in TESTED else "—")
+            row.append(", ".join(marks) if collector in TESTED
+                       else _mark(results, format_cell("live", protocol, profile, collector)))
         rows.append(row)
     lines += _table(["protocol / profile", *titles], rows, "20 20 20 20 20")
     lines += ["Cases that break real exporters", "~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~", ""]

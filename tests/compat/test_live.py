@@ -44,7 +44,7 @@ def _assert_cell(cells: LiveCells, cell: str) -> None:
 
 
 @pytest.mark.parametrize("collector", TESTED)
-@pytest.mark.parametrize("protocol,profile", FORMATS, ids="-".join)
+@pytest.mark.parametrize("protocol,profile", FORMATS, ids=[f"{p}-{f}" for p, f in FORMATS])
 def test_format(cells: LiveCells, protocol: str, profile: str, collector: str) -> None:
     _assert_cell(cells, format_cell("live", protocol, profile, collector))
 
@@ -53,7 +53,7 @@ CASE_CELLS = [(case, collector) for case in CASES for collector in TESTED
               if (case, collector) != ("restarted-collector", "tshark")]
 
 
-@pytest.mark.parametrize("case,collector", CASE_CELLS, ids="-".join)
+@pytest.mark.parametrize("case,collector", CASE_CELLS, ids=[f"{a}-{b}" for a, b in CASE_CELLS])
 def test_case(cells: LiveCells, case: str, collector: str) -> None:
     _assert_cell(cells, case_cell(case, collector))
 

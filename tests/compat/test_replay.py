@@ -102,7 +102,7 @@ def replayed(tmp_path_factory: pytest.TempPathFactory, session_results: Results
 
 
 @pytest.mark.parametrize("collector", TESTED)
-@pytest.mark.parametrize("protocol,profile", FORMATS, ids="-".join)
+@pytest.mark.parametrize("protocol,profile", FORMATS, ids=[f"{p}-{f}" for p, f in FORMATS])
 def test_replayed_fields_exact(replayed: ReplayRun, protocol: str, profile: str,
                                collector: str) -> None:
     problems = replayed.problems[format_cell("replay", protocol, profile, collector)]

@@ -78,13 +78,15 @@ def timeouts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Timeouts]:
         args = ["--config", str(config), "--active-timeout", str(ACTIVE_TIMEOUT_S),
                 "--idle-timeout", str(ACTIVE_TIMEOUT_S), "--template-refresh",
                 str(TEMPLATE_REFRESH_S)]
-        with AgentProcess(args, workdir) as agent:
-            agent.wait_ready()
-            state = Timeouts(lab, agent, nfcapd, watcher, workdir)
-            yield state
-            assert agent.stop() == 0, agent.log()[-3000:]
-            assert agent.problems() == [], "\n".join(agent.problems())
-        state.nfcapd.close()
+        state = Timeouts(lab, AgentProcess(args, workdir), nfcapd, watcher, workdir)
+        try:
+            with state.agent as agent:
+                agent.wait_ready()
+                yield state
+                assert agent.stop() == 0, agent.log()[-3000:]
+                assert agent.problems() == [], "\n".join(agent.problems())
+        finally:
+            state.nfcapd.close()  # test_collector_restart's replacement, if it made one
 
 
 def test_active_timeout_splits_a_long_transfer(timeouts: Timeouts) -> None:

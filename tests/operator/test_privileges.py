@@ -3,6 +3,7 @@ attaches, drops to `nobody`, and still counts, serves `top` and exports."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import platform
 import re
@@ -131,6 +132,10 @@ def fetch(port: int, expected: int) -> int:
     return got
 
 
+def address(value: object) -> str:
+    return str(ipaddress.ip_address(value)) if isinstance(value, bytes | str) else ""
+
+
 def test_agent_dropped_to_nobody_still_counts_serves_and_exports(tmp_path: Path) -> None:
     require_live()
     if not map_access_after_drop().ok:
@@ -173,7 +178,8 @@ def test_agent_dropped_to_nobody_still_counts_serves_and_exports(tmp_path: Path)
             sent: list[dict] = []
             while time.time() < deadline and not sent:
                 sent = [r for r in collector.records if r.get("sourceTransportPort") == port
-                        and r.get("destinationIPv4Address") == "127.0.0.1"]
+                        and r.get("protocolIdentifier") == 6 and r.get("flowDirection") == 1
+                        and address(r.get("destinationIPv4Address")) == "127.0.0.1"]
                 time.sleep(0.3)
             assert agent.stop() == 0, agent.log()
         assert sent, f"no record of port {port} among {len(collector.records)} records"
