@@ -203,9 +203,19 @@ class Agent:
             exporter.export(exports, biflow_cache=biflow)
 
     def shutdown(self, drain_seconds: float = 2.0) -> None:
-        """Forced end for every live flow, sent before the sockets close."""
+        """Forced end for every live flow, sent before the sockets close. One last poll first:
+        packets counted since the previous poll belong in the final records."""
+        exports: list[Export] = []
+        try:
+            last = self.source.poll(0)
+        except Exception as exc:  # a broken source must not cost the flows already cached
+            log.error("last poll before shutdown failed: %s", exc)
+            last = []
+        if last:
+            self.observations += len(last)
+            exports = self.cache.update(last)
         flows = len(self.cache)
-        exports = self.cache.flush_all()
+        exports += self.cache.flush_all()
         self.export(exports)
         log.info("shutting down: %d live flows exported as forced end", flows)
         for exporter in self.exporters:
