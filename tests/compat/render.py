@@ -1,4 +1,6 @@
-"""Render the compatibility matrix and the field reference as RST include files.
+"""Render the compatibility matrix and the field reference as RST files, and embed both in
+README.rst between its `.. BEGIN GENERATED <name>` / `.. END GENERATED <name>` markers (GitHub and
+PyPI do not run `.. include::`).
 
     .venv/bin/python tests/compat/render.py          # from docs/compat/results.json
     FLOWBRIDGE_COMPAT_UPDATE=1 pytest tests/compat   # the tests write results.json, then this
@@ -136,6 +138,24 @@ def render_fields() -> str:
     return "\n".join(lines) + "\n"
 
 
+README = Path(__file__).resolve().parents[2] / "README.rst"
+
+
+def embed(text: str, name: str, body: str) -> str:
+    """`text` with the block between the markers of `name` replaced by `body`."""
+    begin, end = f".. BEGIN GENERATED {name}\n", f".. END GENERATED {name}"
+    head, found, rest = text.partition(begin)
+    if not found or end not in rest:
+        raise ValueError(f"README.rst: markers of {name!r} not found")
+    return head + begin + "\n" + body + "\n" + end + rest.partition(end)[2]
+
+
+def render_readme(results: Results) -> str:
+    text = README.read_text(encoding="utf-8")
+    text = embed(text, "compat-matrix", render_matrix(results))
+    return embed(text, "field-reference", render_fields())
+
+
 def write_all(results: Results | None = None) -> None:
     """Write results.json (when given) and both .rst files."""
     if results is not None:
@@ -146,8 +166,9 @@ def write_all(results: Results | None = None) -> None:
     results = committed_results()
     MATRIX_RST.write_text(render_matrix(results), encoding="utf-8")
     FIELDS_RST.write_text(render_fields(), encoding="utf-8")
+    README.write_text(render_readme(results), encoding="utf-8")
 
 
 if __name__ == "__main__":
     write_all()
-    print(f"wrote {MATRIX_RST} and {FIELDS_RST}")
+    print(f"wrote {MATRIX_RST}, {FIELDS_RST} and {README}")

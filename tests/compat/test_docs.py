@@ -17,7 +17,7 @@ from tests.compat.matrix import (
     committed_results,
     format_cell,
 )
-from tests.compat.render import render_fields, render_matrix
+from tests.compat.render import README, render_fields, render_matrix, render_readme
 
 HINT = "regenerate: .venv/bin/python tests/compat/render.py"
 
@@ -28,6 +28,10 @@ def test_matrix_rst_is_rendered_from_the_committed_results() -> None:
 
 def test_fields_rst_is_rendered_from_the_profiles() -> None:
     assert FIELDS_RST.read_text(encoding="utf-8") == render_fields(), HINT
+
+
+def test_readme_embeds_the_rendered_tables() -> None:
+    assert README.read_text(encoding="utf-8") == render_readme(committed_results()), HINT
 
 
 def test_committed_results_cover_every_cell() -> None:
