@@ -172,24 +172,32 @@ def softflowd_rate(protocol: str, flows: int, rounds: int) -> float | None:
         return None
     pcap = flows_pcap(flows)
     best = 0.0
+    # softflowd runs in a scratch directory with short relative socket and pid paths: with a
+    # longer control socket path (20+ characters) it blocks in accept() before reading the pcap.
     with tempfile.TemporaryDirectory() as scratch:
         for _ in range(rounds):
             collector = Collector()
             command = [
                 binary, "-r", str(pcap), "-n", f"127.0.0.1:{collector.port}",
                 "-v", SOFTFLOWD_VERSION[protocol], "-m", str(flows + 1),
-                "-c", f"{scratch}/ctl", "-p", f"{scratch}/pid",
+                "-c", "ctl", "-p", "pid",
             ]  # fmt: skip
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _, status, usage = os.wait4(process.pid, 0)
-            process.returncode = os.waitstatus_to_exitcode(status)
-            stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-            if process.stderr:
-                process.stderr.close()
+            with open(f"{scratch}/log", "w+b") as log:
+                process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    cwd=scratch,
+                )
+                status, usage = _wait(process.pid)
+                process.returncode = os.waitstatus_to_exitcode(status)
+                log.seek(0)
+                output = log.read().decode(errors="replace")
             time.sleep(0.3)  # the last datagrams reach the socket
             exported = collector.records()
             if process.returncode != 0:
-                print(f"bench.pipeline: softflowd failed: {stderr.strip()[-300:]}", file=sys.stderr)
+                print(f"bench.pipeline: softflowd failed: {output.strip()[-300:]}", file=sys.stderr)
                 return None
             if exported != flows:
                 print(
@@ -199,6 +207,18 @@ def softflowd_rate(protocol: str, flows: int, rounds: int) -> float | None:
             cpu = usage.ru_utime + usage.ru_stime
             best = max(best, exported / cpu)
     return best
+
+
+def _wait(pid: int, timeout: float = 120) -> tuple[int, os.struct_rusage]:
+    """softflowd's exit status and resource usage; killed (and a failure) past `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return status, usage
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+        time.sleep(0.01)
 
 
 # -- cache ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import threading
+import time
 
 from ebpf import bpfsys, existing, layout, netns
 from ebpf.attribution import Attribution
@@ -96,6 +97,7 @@ class FlowCollector(FlowEnds):
         self._rescanned = False
         out, index = self._pending, {}
         self._pending = []
+        read_ns = time.monotonic_ns()
         live = self._read_live()
         self._loaded.bpf.ring_buffer_consume()  # type: ignore[attr-defined]
         raw, self._raw_events = self._raw_events, []
@@ -108,14 +110,17 @@ class FlowCollector(FlowEnds):
                 ended.append(layout.decode_event(item))
         for event in ended:
             self._socket_ended(event, out, index)
-        for conn, cookie, gens in self._endings.ready(self._reported):
+        for conn, cookie, gens in self._endings.ready(self._reported, read_ns):
             self._finish(cookie, [conn], out, index, gens)
         self._retired_seen.clear()
         # Live flows last: one that ended in this poll is reported once, with its final counters.
+        # That includes a generation the kernel retired after the read (a client port reused):
+        # its retired record supersedes the live one, which must not follow it as a new flow.
         offset = epoch_offset_ns()
         observation = self._observation
+        reported = self._reported
         for kraw, prev in live:
-            if kraw not in index:
+            if kraw not in index and reported.get(kraw) is prev:
                 obs = observation(prev, prev.value, offset, EndCause.NONE)
                 if obs is not None:
                     out.append(obs)
@@ -137,8 +142,10 @@ class FlowCollector(FlowEnds):
                 continue
             value = layout.decode_value(raw)
             if value.last_ns != seen.last_ns:
-                # Counted after the last poll: report the remainder as a new flow.
-                obs = self._remainder(seen, value, now_ms)
+                # Counted after the last poll: report the remainder as a new flow (all of it
+                # when no poll read this generation yet: the kernel retired the earlier one).
+                obs = (self._remainder(seen, value, now_ms) if seen.value is not None
+                       else self._observation(seen, value, now_ms, EndCause.NONE))
                 if obs is not None:
                     self._pending.append(obs)
 

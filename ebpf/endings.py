@@ -72,10 +72,15 @@ class Endings:
         else:
             self._cookies.pop(cookie, None)
 
-    def ready(self, reported: dict) -> list[tuple[ConnId, int, dict[bytes, int]]]:
+    def ready(self, reported: dict, read_ns: int | None = None
+              ) -> list[tuple[ConnId, int, dict[bytes, int]]]:
         """(connection, cookie, generations) of connections whose flows are final now; they
-        leave the closing set."""
+        leave the closing set. read_ns: when the read that filled `reported` began. Quiet is
+        judged at that time, not now: a slow poll must not take a flow that was quiet when
+        read but got its last ACK since for finished (that ACK would become a new flow)."""
         now = time.monotonic_ns()
+        if read_ns is None:
+            read_ns = now
         done = []
         for conn, closing in self.closing.items():
             sent = received = last_ns = current = 0
@@ -89,7 +94,7 @@ class Endings:
                     sent |= seen.value.tcp_flags
                 else:
                     received |= seen.value.tcp_flags
-            quiet = now - last_ns >= SETTLE_NS
+            quiet = read_ns - last_ns >= SETTLE_NS
             finished = (sent | received) & TCP_RST or (sent & received & TCP_FIN)
             # Every key retired by the kernel (a new connection took the 5-tuple): done.
             timed_out = now >= closing.deadline_ns or bool(closing.gens and not current)

@@ -155,7 +155,7 @@ def import_bcc():
     return bcc
 
 
-def compile_module(max_flows: int, max_socks: int, ringbuf_pages: int = 1024):
+def compile_module(max_flows: int, max_socks: int, ringbuf_pages: int = 4096):
     """Compile flows.bpf.c; returns (bcc.BPF, KernelHeaders)."""
     if os.geteuid() != 0:
         raise EbpfUnavailable(
