@@ -45,7 +45,7 @@ class Agent:
         self.source = source
         self.clock = clock
         self._printer = printer
-        self.observation_domain_id = config.observation_domain_id or default_observation_domain_id()
+        self.observation_domain_id = self.domain_for("ipfix", config)
         self.cache = FlowCache(
             active_timeout=config.active_timeout,
             idle_timeout=config.idle_timeout,
@@ -94,7 +94,7 @@ class Agent:
                 created.append(
                     Exporter(
                         collector,
-                        self.observation_domain_id,
+                        collector.observation_domain_id or self.domain_for(collector.protocol),
                         biflow=config.biflow,
                         clock=self.clock,
                         on_socket=exclude,
@@ -106,6 +106,12 @@ class Agent:
                 exporter.close(0)
             raise
         return exporters
+
+    def domain_for(self, protocol: str, config: AgentConfig | None = None) -> int:
+        """The configured observation domain id, else one derived per protocol from the machine
+        id (IPFIX and v9 streams of one host must not share an id at one collector)."""
+        config = config or self.config
+        return config.observation_domain_id or default_observation_domain_id(protocol)
 
     def reload(self, config: AgentConfig) -> None:
         """New configuration, same flows. Unchanged collectors keep their exporter."""
@@ -153,9 +159,11 @@ class Agent:
     def run(self, load_config: Callable[[], AgentConfig] | None = None) -> None:
         """Until a stop is requested; then every live flow is exported (forced end)."""
         log.info(
-            "exporting to %s (observation domain %d)",
-            ", ".join(e.name for e in self.exporters),
-            self.observation_domain_id,
+            "exporting to %s",
+            ", ".join(
+                f"{e.name} (observation domain {e.session.observation_domain_id})"
+                for e in self.exporters
+            ),
         )
         try:
             while not self._stop:

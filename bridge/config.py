@@ -15,6 +15,7 @@ protocol = "ipfix"           # ipfix | v9 | v5
 profile = "standard"         # a shipped profile or a path; default per protocol
 transport = "udp"            # udp | tcp
 source = "127.0.0.1"         # optional source address
+observation_domain_id = 7    # optional, this collector only
 max_message_size = 1400
 template_refresh = 30        # seconds
 template_refresh_packets = 20
@@ -46,6 +47,7 @@ class CollectorConfig:
     max_message_size: int = 1400
     template_refresh: float = 30.0
     template_refresh_packets: int = 20
+    observation_domain_id: int = 0  # 0 = the agent's (per protocol: see Agent.domain_for)
 
     @property
     def address(self) -> str:
@@ -73,8 +75,10 @@ _AGENT_KEYS = {f.name for f in fields(AgentConfig)} - {"collectors"}
 _COLLECTOR_KEYS = ({f.name for f in fields(CollectorConfig)} - {"host", "port"}) | {"address"}
 
 
-def default_observation_domain_id() -> int:
-    """Non-zero, stable across restarts: from /etc/machine-id (else the hostname)."""
+def default_observation_domain_id(protocol: str = "ipfix") -> int:
+    """Non-zero, stable across restarts: from /etc/machine-id (else the hostname). v9 gets an id
+    of its own: pmacct keys its sequence check on exporter address + id whatever the version, so
+    IPFIX and v9 from one host into one nfacctd must not share it (collectors.md 2.10)."""
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
             seed = Path(path).read_text().strip()
@@ -86,6 +90,8 @@ def default_observation_domain_id() -> int:
         import socket
 
         seed = socket.gethostname()
+    if protocol != "ipfix":
+        seed = f"{seed}/{protocol}"
     value = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:4], "big") & 0x7FFFFFFF
     return value or 1
 

@@ -148,15 +148,16 @@ class Exporter:
         self.records_exported += total - refused
 
     def send_options(self, interfaces: dict[int, str] | None = None) -> None:
-        """Exporter statistics (RFC 7011 §4.3), system init time, sampling and interface names,
-        as far as the protocol carries them."""
+        """Exporter statistics (RFC 7011 §4.3), system init time and interface names, as far as
+        the protocol carries them. Sampling goes in every record (samplingInterval = 1) instead
+        of an options record, which would sit in the flow domain (collectors.md 2.12)."""
         stats = {
             "notSentFlowTotalCount": self.transport.stats.records_dropped,
             "notSentPacketTotalCount": self.not_sent_packets,
             "notSentOctetTotalCount": self.not_sent_octets,
         }
         try:
-            messages = self.session.options_messages(stats, interfaces=interfaces, sampling=True)
+            messages = self.session.options_messages(stats, interfaces=interfaces)
         except IpfixError as exc:
             log.error("collector %s: cannot encode options: %s", self.name, exc)
             return

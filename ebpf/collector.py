@@ -81,6 +81,7 @@ class FlowCollector(FlowEnds):
         self._endings = Endings()
         self._rescanned = False
         self._retired_seen: dict[bytes, Reported] = {}
+        self._retired_keys: set[bytes] = set()  # retired in this poll
         self._flows_in_map = 0
         self._stop = threading.Event()
         self.scan_existing()
@@ -95,12 +96,14 @@ class FlowCollector(FlowEnds):
         self._loaded.bpf.ring_buffer_poll(max(0, int(timeout_ms)))  # type: ignore[attr-defined]
         self._attr.new_poll()
         self._rescanned = False
-        out, index = self._pending, {}
-        self._pending = []
+        earlier, self._pending = self._pending, []
+        out: list[FlowObservation | None] = []
+        index: dict[bytes, int] = {}
         read_ns = time.monotonic_ns()
         live = self._read_live()
         self._loaded.bpf.ring_buffer_consume()  # type: ignore[attr-defined]
         raw, self._raw_events = self._raw_events, []
+        self._retired_keys.clear()
         retired: list[FlowObservation] = []
         ended = []
         for item in raw:
@@ -119,13 +122,31 @@ class FlowCollector(FlowEnds):
         offset = epoch_offset_ns()
         observation = self._observation
         reported = self._reported
+        # The agent's cache ends flows at the end of a batch: a newer generation's live record
+        # in the same batch as the retired one would be merged into it. It waits for the next
+        # poll (last_ns -1: reported as changed then).
+        retired_keys = self._retired_keys
         for kraw, prev in live:
+            if kraw in retired_keys:
+                prev.last_ns = -1
+                continue
             if kraw not in index and reported.get(kraw) is prev:
                 obs = observation(prev, prev.value, offset, EndCause.NONE)
                 if obs is not None:
                     out.append(obs)
-        # A retired flow is an earlier connection than anything read live under its key.
-        return retired + out if retired else out
+        # A connection that ended here under a key whose earlier connection was retired in the
+        # same poll waits for the next one (same reason as above: one ending per key and batch).
+        clashes = [kraw for kraw in retired_keys if kraw in index]
+        for kraw in clashes:
+            self._pending.append(out[index[kraw]])
+            out[index[kraw]] = None
+        if clashes:
+            out = [obs for obs in out if obs is not None]
+        # Deferred records came first; a retired flow is an earlier connection than anything
+        # read live under its key.
+        if earlier or retired:
+            return earlier + retired + out  # type: ignore[operator]
+        return out  # type: ignore[return-value]
 
     def release(self, keys: list[FlowKey]) -> None:
         cookies = {state.ns.inode: state.cookie for state in self._attacher.namespaces.values()}
@@ -143,9 +164,11 @@ class FlowCollector(FlowEnds):
             value = layout.decode_value(raw)
             if value.last_ns != seen.last_ns:
                 # Counted after the last poll: report the remainder as a new flow (all of it
-                # when no poll read this generation yet: the kernel retired the earlier one).
-                obs = (self._remainder(seen, value, now_ms) if seen.value is not None
-                       else self._observation(seen, value, now_ms, EndCause.NONE))
+                # when the entry holds a generation no poll read: a newer connection).
+                if seen.value is not None and seen.gen == value.gen:
+                    obs = self._remainder(seen, value, now_ms)
+                else:
+                    obs = self._observation(seen, value, now_ms, EndCause.NONE)
                 if obs is not None:
                     self._pending.append(obs)
 

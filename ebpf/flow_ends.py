@@ -84,8 +84,13 @@ class FlowEnds:
         sent, received = (value.tcp_flags, twin_flags) if egress else (twin_flags, value.tcp_flags)
         cause = _cause_from_flags(sent, received)
         obs = self._observation(seen, value, epoch_offset_ns(), cause)
-        if obs is not None:
+        if obs is None:
+            return
+        if kraw in self._retired_keys:
+            self._pending.append(obs)  # one ending per key and poll (see FlowCollector.poll)
+        else:
             out.append(obs)
+            self._retired_keys.add(kraw)
 
     def _finish(self, cookie: int, conns, out: list[FlowObservation],
                 index: dict[bytes, int], gens: dict[bytes, int] | None = None) -> None:

@@ -86,17 +86,19 @@ class IpfixEncoder:
     ) -> list[bytes]:
         record = {STATS_SCOPE: 0, **stats}
         record.setdefault(STATS_SCOPE, 0)
-        body = self._options_body(self._stats, [record])
-        messages = [self.header(len(body), now_ms // 1000, self.stats_sequence, 0) + body]
-        self.stats_sequence = (self.stats_sequence + 1) % SEQUENCE_MODULO
-        # Interface names and sampling describe the flow domain, so they go in its ODID.
-        if sampling:
-            messages += self._domain_options(self._sampling, [dict(SAMPLING_VALUES)], now_ms)
+        messages = self._exporter_options(self._stats, [record], now_ms)
+        # Interface names describe the exporter's host, not one flow: like the statistics they go
+        # in observation domain 0. In the flow domain every options message costs one nfdump
+        # "sequence failure" (it does not count options records), seen with nfdump 1.7.1.
         if interfaces:
             rows = [
                 {"ingressInterface": i, "interfaceName": n} for i, n in sorted(interfaces.items())
             ]
-            messages += self._domain_options(self._interfaces, rows, now_ms)
+            messages += self._exporter_options(self._interfaces, rows, now_ms)
+        # Sampling describes the flow domain, so it can only go there; the profiles carry
+        # samplingInterval in every record instead, and this stays opt-in.
+        if sampling:
+            messages += self._domain_options(self._sampling, [dict(SAMPLING_VALUES)], now_ms)
         return messages
 
     def _options_body(self, packer: RecordPacker, rows: list[dict]) -> bytes:
@@ -110,6 +112,17 @@ class IpfixEncoder:
         for chunk in _fit(packer, rows, self.max_message_size - HEADER.size):
             body = self._options_body(packer, chunk)
             messages.append(self.wrap(body, len(chunk), now_ms))
+        return messages
+
+    def _exporter_options(
+        self, packer: RecordPacker, rows: list[dict], now_ms: int
+    ) -> list[bytes]:
+        """Options messages in observation domain 0, with that domain's own sequence."""
+        messages = []
+        for chunk in _fit(packer, rows, self.max_message_size - HEADER.size):
+            body = self._options_body(packer, chunk)
+            messages.append(self.header(len(body), now_ms // 1000, self.stats_sequence, 0) + body)
+            self.stats_sequence = (self.stats_sequence + len(chunk)) % SEQUENCE_MODULO
         return messages
 
 

@@ -7,7 +7,7 @@ import struct
 import time
 
 from bridge.agent import Agent
-from bridge.config import AgentConfig, CollectorConfig
+from bridge.config import AgentConfig, CollectorConfig, default_observation_domain_id
 from bridge.synthetic import SyntheticSource
 from ebpf.observation import EndCause
 from ipfix.decoder import Decoder
@@ -117,3 +117,21 @@ def test_tcp_collector_down_then_up_then_restarted():
     finally:
         agent.shutdown(drain_seconds=0.5)
         listener.close()
+
+
+def test_ipfix_and_v9_streams_of_one_host_never_share_a_domain_id():
+    """pmacct keys its sequence check on address + id whatever the version: one host sending IPFIX
+    and v9 to one nfacctd needs two ids (seen: ~500 false sequence errors with one id)."""
+    sink = Sink()
+    ipfix = CollectorConfig(host=sink.host, port=sink.port, protocol="ipfix")
+    v9 = CollectorConfig(host=sink.host, port=sink.port, protocol="v9")
+    pinned = CollectorConfig(host=sink.host, port=sink.port, protocol="v5", observation_domain_id=7)
+    agent = Agent(AgentConfig(collectors=(ipfix, v9, pinned)), SyntheticSource())
+    try:
+        ids = [e.session.observation_domain_id for e in agent.exporters]
+    finally:
+        agent.shutdown(drain_seconds=0)
+    assert ids[0] == default_observation_domain_id("ipfix") == agent.observation_domain_id
+    assert ids[1] == default_observation_domain_id("v9") != ids[0]
+    assert ids[2] == 7
+    assert all(0 < i < 1 << 31 for i in ids)

@@ -193,17 +193,23 @@ def test_no_empty_sets_and_no_padding_in_template_sets() -> None:
                 assert exact == len(body)
 
 
-def test_one_options_template_per_set_and_statistics_in_domain_0() -> None:
+def test_one_options_template_per_set_and_exporter_options_in_domain_0() -> None:
+    """Statistics and interface names describe the exporter: domain 0, with its own sequence
+    (1 statistics record before the interface names); only sampling is about the flow domain."""
     s = session()
-    messages = s.options_messages({"notSentFlowTotalCount": 7}, interfaces={1: "lo"}, sampling=True)
-    domains = []
+    messages = s.options_messages(
+        {"notSentFlowTotalCount": 7}, interfaces={1: "lo", 2: "eth0"}, sampling=True
+    )
+    domains, sequences = [], []
     for message in messages:
         f = frame(message)
         domains.append(f.header[4])
+        sequences.append(f.header[3])
         for set_id, body in f.sets:
             if set_id == 3:
                 assert len(ipfix_template_fields(body, options=True)) == 1
-    assert domains == [0, 42, 42]
+    assert domains == [0, 0, 42]
+    assert sequences[:2] == [0, 1]
     [m] = Decoder().feed(messages[0], ("h", 1))
     assert m.options_records[0]["notSentFlowTotalCount"] == 7
     assert m.options_records[0]["systemInitTimeMilliseconds"] == int(NOW * 1000)

@@ -1,0 +1,65 @@
+"""When a closed TCP connection's flows are final (ebpf/endings.py): pure Python, no root.
+
+The collector judges quiet at the time its map read began, not when it gets to the endings: a
+slow poll must not take a flow that was quiet long ago for finished while its last ACK may have
+been counted since the read (that ACK would come back as a flow of its own)."""
+
+from __future__ import annotations
+
+import time
+
+from ebpf import layout
+from ebpf.endings import SETTLE_NS, Endings
+from ebpf.flow_ends import Reported
+
+TCP_ACK, TCP_FIN = 0x10, 0x01
+LAST_ACK = 9  # tcp_states.h: not a hand-over to a timewait socket
+FIN_WAIT2 = 5
+
+
+def connection(netns: int = 7, client_port: int = 40000):
+    conn = (netns, 6, 4, b"\x7f\x00\x00\x01", client_port, b"\x7f\x00\x00\x01", 80)
+    return conn, layout.kernel_keys_of(conn)
+
+
+def seen(kraw: bytes, last_ns: int, flags: int) -> Reported:
+    parts = layout.key_parts(kraw)
+    value = layout.FlowValue(*([0] * 4), flags, *([0] * 12))._replace(last_ns=last_ns)
+    return Reported(parts, layout.conn_of(parts), last_ns=last_ns, value=value)
+
+
+def closing(old_state: int, last_ns: int, flags: int):
+    conn, keys = connection()
+    reported = {kraw: seen(kraw, last_ns, flags) for kraw in keys}
+    endings = Endings()
+    endings.add(conn, cookie=1234, old_state=old_state, gens={k: 0 for k in keys})
+    return endings, reported, conn
+
+
+def test_quiet_is_judged_at_the_read_not_at_the_end_of_a_slow_poll():
+    read_ns = time.monotonic_ns()
+    last_packet = read_ns - SETTLE_NS // 2  # 10 ms before the read: not quiet then
+    endings, reported, conn = closing(LAST_ACK, last_packet, TCP_FIN | TCP_ACK)
+    time.sleep(2 * SETTLE_NS / 1e9)  # the poll took long: "now" is quiet, the read was not
+    assert endings.ready(reported, read_ns) == []
+    assert conn in endings.closing
+    done = endings.ready(reported, read_ns + SETTLE_NS)
+    assert [c for c, _, _ in done] == [conn]
+    assert conn not in endings.closing
+
+
+def test_without_a_read_time_quiet_is_judged_now():
+    last_packet = time.monotonic_ns() - 2 * SETTLE_NS
+    endings, reported, conn = closing(LAST_ACK, last_packet, TCP_FIN | TCP_ACK)
+    assert [c for c, cookie, _ in endings.ready(reported)] == [conn]
+
+
+def test_hand_over_waits_for_both_fins_even_when_quiet():
+    read_ns = time.monotonic_ns()
+    endings, reported, conn = closing(FIN_WAIT2, read_ns - 2 * SETTLE_NS, TCP_ACK)
+    egress = next(k for k, r in reported.items() if r.parts[7] == 1)
+    reported[egress] = seen(egress, read_ns - 2 * SETTLE_NS, TCP_FIN | TCP_ACK)
+    assert endings.ready(reported, read_ns) == []  # our FIN only: the peer's is still due
+    for kraw in reported:
+        reported[kraw] = seen(kraw, read_ns - 2 * SETTLE_NS, TCP_FIN | TCP_ACK)
+    assert [c for c, _, _ in endings.ready(reported, read_ns)] == [conn]
