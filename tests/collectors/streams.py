@@ -150,8 +150,10 @@ def build_streams(seed: int = 20240601) -> list[Stream]:
                 # one IPFIX stream only: several exporters sharing domain 0 from one address is
                 # not a real setup).
                 stream.messages_before_stats = len(stream.datagrams)
+                # Interface names too, as the agent sends them: pmacct once miscounted them.
                 stream.datagrams += session.options_messages(
-                    {"notSentFlowTotalCount": 3, "notSentPacketTotalCount": 30}
+                    {"notSentFlowTotalCount": 3, "notSentPacketTotalCount": 30},
+                    interfaces={1: "lo", 2: "eth0", 7: "veth-fb0123456"},
                 )
         stream.refused = session.refused_records
         streams.append(stream)
