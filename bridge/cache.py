@@ -60,6 +60,7 @@ class Flow:
         "last_ms",
         "process",
         "tcp",
+        "local_initiated",  # as FlowObservation.local_initiated: who connected, when known
         "end",
     )
 
@@ -80,6 +81,7 @@ class Flow:
         self.last_ms = obs.last_ms
         self.process = None
         self.tcp = None
+        self.local_initiated = None
         self.end = _NONE
 
 
@@ -87,7 +89,7 @@ class Flow:
 #   (flow, octets, packets, start_ms, end_ms, reason, retrans_packets, retrans_bytes, peer)
 # Counts are this record's deltas; `peer` is the reverse direction's tuple (biflow) or None.
 # `flow` is a Flow, or a FlowObservation for a flow seen only at its end: both have key,
-# ifindex, tcp_flags, process and tcp, which is all that records read.
+# ifindex, tcp_flags, process, tcp and local_initiated, which is all that records read.
 Export = tuple
 
 
@@ -231,6 +233,8 @@ class FlowCache:
                 flow.ifindex = obs.ifindex
             if obs.process is not None:
                 flow.process = obs.process
+            if obs.local_initiated is not None:
+                flow.local_initiated = obs.local_initiated
             tcp = obs.tcp
             if tcp is not None:
                 if tcp.retrans_packets < flow.retrans:

@@ -15,7 +15,8 @@ from bridge.cache import Export
 from bridge.config import CollectorConfig
 from bridge.errors import UserError
 from bridge.messages import carries_templates, data_record_counts
-from bridge.records import RecordBuilder, RowBuilder, biflow_profile, in_row_order
+from bridge.records import RecordBuilder, biflow_profile
+from bridge.rows import RowBuilder, in_row_order
 from bridge.transport import Transport, open_transport
 from ipfix.errors import IpfixError
 from ipfix.profile import Profile, load_profile
@@ -44,6 +45,7 @@ class Exporter:
         clock: Callable[[], float] = time.time,
         transport: Transport | None = None,
         on_socket: Callable | None = None,
+        container_ids: Callable[[int], str] | None = None,
     ) -> None:
         self.config = config
         self.protocol = config.protocol
@@ -65,9 +67,13 @@ class Exporter:
             )
         except IpfixError as exc:
             raise UserError(f"collector {config.address}: {exc}") from None
-        self.builder = RecordBuilder(profile.fields, biflow=self.biflow)
+        self.builder = RecordBuilder(
+            profile.fields, biflow=self.biflow, container_ids=container_ids
+        )
         layouts = {family: self.session.row_layout(family) for family in (4, 6)}
-        self.rows = RowBuilder(layouts, profile.fields, biflow=self.biflow)
+        self.rows = RowBuilder(
+            layouts, profile.fields, biflow=self.biflow, container_ids=container_ids
+        )
         if transport is None:
             transport = open_transport(config.transport, config.host, config.port, config.source)
         self.transport = transport

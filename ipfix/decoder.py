@@ -126,7 +126,7 @@ class Decoder:
                 ie_id = raw_id & 0x7FFF
                 element = BY_IPFIX.get((pen, ie_id)) or unknown_ipfix(pen, ie_id)
                 fields.append(WireField(element, length, element.name))
-            cache[template_id] = _CachedTemplate(RecordParser(tuple(fields), False), scope)
+            cache[template_id] = _CachedTemplate(RecordParser(tuple(fields), True), scope)
             (message.options_templates if options else message.templates).append(template_id)
 
     # NetFlow v9 ----------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def _converter(element: Element, length: int, strip_nul: bool) -> Callable[[obje
         signed = t in _SIGNED_TYPES
         return lambda raw: int.from_bytes(raw, "big", signed=signed)
     if t == "string":
-        if strip_nul:
+        # A fixed-length string is NUL-padded (v9 always, IPFIX e.g. interfaceName at IFNAMSIZ).
+        if strip_nul and length != VARIABLE_LENGTH:
             return lambda raw: raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         return lambda raw: raw.decode("utf-8", "replace")
     return None

@@ -152,7 +152,7 @@ def run(
 
     # -- operator hooks (bridge/state.py, bridge/privileges.py) --
     from bridge import privileges, state
-    from bridge.agent import Agent
+    from bridge.agent import Agent, tune_gc
 
     account = privileges.lookup_user(run_as) if run_as else None
     if account is not None:
@@ -204,6 +204,7 @@ def run(
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
+    tune_gc()
     try:
         agent.run(load_config=lambda: build_config(config_path, overrides))
     finally:

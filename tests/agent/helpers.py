@@ -67,6 +67,7 @@ def obs(
     ifindex: int = 2,
     process: ProcessInfo | None = None,
     tcp: TcpHealth | None = None,
+    local_initiated: bool | None = None,
 ) -> FlowObservation:
     return FlowObservation(
         key=k,
@@ -79,6 +80,7 @@ def obs(
         process=process,
         tcp=tcp,
         end=end,
+        local_initiated=local_initiated,
     )
 
 

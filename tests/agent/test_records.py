@@ -104,3 +104,51 @@ def test_who_is_client_by_ports():
     ingress = key(45000, 8080, direction=Direction.INGRESS)  # remote ephemeral -> local serves
     assert not local_is_client(obs(ingress, 1, 1, T0, T0), EPHEMERAL)
     assert local_is_client(obs(key(5000, 80), 1, 1, T0, T0), EPHEMERAL)  # neither: lower serves
+
+
+def test_kernel_says_who_connected_over_ports():
+    # Ports alone make the local end of 2049 -> 45000 the server; the kernel says it connected.
+    connected = key(2049, 45000)
+    assert not local_is_client(obs(connected, 1, 1, T0, T0), EPHEMERAL)
+    assert local_is_client(obs(connected, 1, 1, T0, T0, local_initiated=True), EPHEMERAL)
+    accepted = key(45000, 443)  # ports say client; the socket was accepted
+    assert not local_is_client(obs(accepted, 1, 1, T0, T0, local_initiated=False), EPHEMERAL)
+
+
+def test_latency_sides_follow_the_kernel_through_the_cache():
+    k = key(2049, 45000)
+    # Ended and never cached (the observation stands in for the flow) ...
+    ended = obs(k, 10, 1, T0, T0, tcp=RTT, end=EndCause.FIN, local_initiated=True)
+    assert (build(ended)["CLIENT_NW_LATENCY_MS"], build(ended)["SERVER_NW_LATENCY_MS"]) == (0, 20)
+    # ... and cached: a later observation that does not know keeps what an earlier one said.
+    builder = RecordBuilder(NTOP, ephemeral=EPHEMERAL)
+    cache = FlowCache()
+    cache.update([obs(k, 10, 1, T0, T0, tcp=RTT, local_initiated=False)])
+    cache.update([obs(k, 20, 2, T0, T0 + 1, tcp=RTT)])
+    (record,) = builder.build(cache.flush_all())
+    assert (record["CLIENT_NW_LATENCY_MS"], record["SERVER_NW_LATENCY_MS"]) == (20, 0)
+    cache.update([obs(k, 30, 3, T0, T0 + 2, tcp=RTT, local_initiated=True)])
+    (record,) = builder.build(cache.flush_all())
+    assert (record["CLIENT_NW_LATENCY_MS"], record["SERVER_NW_LATENCY_MS"]) == (0, 20)
+
+
+def test_biflow_forward_is_who_connected_as_the_kernel_says():
+    egress = key(2049, 45000, src="192.0.2.10", dst="198.51.100.7")
+    ingress = key(45000, 2049, src="198.51.100.7", dst="192.0.2.10", direction=Direction.INGRESS)
+    builder = RecordBuilder(NTOP, biflow=True, ephemeral=EPHEMERAL)
+    for told in (None, True, False):
+        cache = FlowCache(biflow=True)
+        # Only the ingress direction says: either direction may be the one that knows.
+        cache.update([
+            obs(egress, 500, 5, T0, T0 + 3, ifindex=3, tcp=RTT),
+            obs(ingress, 70, 1, T0 + 1, T0 + 2, ifindex=3, tcp=RTT, local_initiated=told),
+        ])  # fmt: skip
+        (record,) = builder.build(cache.flush_all())
+        local_connected = told is True  # None: ports make the local end (2049) the server
+        assert record["flowDirection"] == (1 if local_connected else 0), told
+        assert record["sourceTransportPort"] == (2049 if local_connected else 45000), told
+        assert record["octetDeltaCount"] == (500 if local_connected else 70), told
+        assert record["reverseOctetDeltaCount"] == (70 if local_connected else 500), told
+        assert record["biflowDirection"] == 1
+        latency = (record["CLIENT_NW_LATENCY_MS"], record["SERVER_NW_LATENCY_MS"])
+        assert latency == ((0, 20) if local_connected else (20, 0)), told

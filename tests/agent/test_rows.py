@@ -5,13 +5,15 @@ sends."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
 from bridge.cache import FlowCache
 from bridge.config import CollectorConfig
 from bridge.exporter import Exporter
-from bridge.records import RecordBuilder, RowBuilder, biflow_profile
+from bridge.records import RecordBuilder, biflow_profile
+from bridge.rows import RowBuilder
 from ebpf.observation import Direction, EndCause, ProcessInfo, TcpHealth
 from ipfix.profile import load_profile
 from ipfix.session import ExportSession
@@ -27,13 +29,20 @@ CASES = [
     ("v9", "nfdump-latency"),
     ("v5", "v5"),
 ]
+CONTAINER_FIELDS = ("SRC_PROC_CONTAINER_ID", "DST_PROC_CONTAINER_ID")
 CURL = ProcessInfo(pid=4242, comm="curl", uid=1000, cgroup_id=7)
 NGINX = ProcessInfo(pid=80, comm="nginx: worker", uid=33, cgroup_id=9)
+CONTAINERS = {9: "4f" * 32}  # nginx runs in a container, curl on the host
+
+
+def container_ids(cgroup_id: int) -> str:
+    return CONTAINERS.get(cgroup_id, "")
 
 
 def variety() -> list:
     """Observations covering every branch of record building: both families and directions,
-    TCP/UDP/ICMP/ICMPv6, client and server ports, with and without process and RTT."""
+    TCP/UDP/ICMP/ICMPv6, client and server ports, with and without process and RTT, and with the
+    kernel saying who connected or not (then ports decide)."""
     out = []
     shapes = itertools.product(
         (("10.0.0.1", "10.0.0.2"), ("fd00::1", "fd00::2")),
@@ -48,7 +57,8 @@ def variety() -> list:
         k = key(sport + i % 7, dport, src=src, dst=dst, direction=direction, protocol=protocol)
         out.append(
             obs(k, 100 * (i + 1), i + 1, T0, T0 + i, flags=0x1B | (i & 0x100), end=EndCause.FIN,
-                ifindex=1 + i % 3, process=process, tcp=tcp)
+                ifindex=1 + i % 3, process=process, tcp=tcp,
+                local_initiated=(None, True, False)[i // 2 % 3])
         )  # fmt: skip
     return out
 
@@ -65,20 +75,40 @@ def dict_rows(session: ExportSession, records: list[dict]) -> list[tuple[int, li
     return out
 
 
+@pytest.mark.parametrize("with_containers", [False, True])
 @pytest.mark.parametrize(("protocol", "profile_name"), CASES)
-def test_rows_hold_what_the_dicts_hold(protocol: str, profile_name: str) -> None:
+def test_rows_hold_what_the_dicts_hold(
+    protocol: str, profile_name: str, with_containers: bool
+) -> None:
     profile = load_profile(profile_name)
+    if with_containers:  # a profile that also asks for the local process's container id
+        profile = replace(profile, fields=(*profile.fields, *CONTAINER_FIELDS))
     session = ExportSession(protocol, profile, 1)
     layouts = {family: session.row_layout(family) for family in (4, 6)}
     exports = FlowCache().update(variety())
     assert len(exports) == 180
-    records = RecordBuilder(profile.fields, ephemeral=EPHEMERAL).build(exports)
-    rows = RowBuilder(layouts, profile.fields, ephemeral=EPHEMERAL).build(exports)
-    assert rows == dict_rows(session, records)
+    for containers in (None, container_ids):
+        records = RecordBuilder(
+            profile.fields, ephemeral=EPHEMERAL, container_ids=containers
+        ).build(exports)
+        rows = RowBuilder(
+            layouts, profile.fields, ephemeral=EPHEMERAL, container_ids=containers
+        ).build(exports)
+        assert rows == dict_rows(session, records)
+        if containers is not None and with_containers:
+            # The container goes on the local side, exactly like the process name.
+            for side, direction in (("SRC", Direction.EGRESS), ("DST", Direction.INGRESS)):
+                in_nginx = sum(e[0].process is NGINX and e[0].key.direction == direction
+                               for e in exports)  # fmt: skip
+                assert in_nginx > 0
+                assert [r.get(f"{side}_PROC_CONTAINER_ID") for r in records].count(
+                    "4f" * 32
+                ) == in_nginx
 
 
 def test_biflow_rows_hold_what_the_dicts_hold() -> None:
-    profile = biflow_profile(load_profile("ntop"))
+    ntop = load_profile("ntop")
+    profile = biflow_profile(replace(ntop, fields=(*ntop.fields, *CONTAINER_FIELDS)))
     session = ExportSession("ipfix", profile, 1)
     layouts = {family: session.row_layout(family) for family in (4, 6)}
     cache = FlowCache(biflow=True)
@@ -88,8 +118,14 @@ def test_biflow_rows_hold_what_the_dicts_hold() -> None:
     cache.update([obs(reverse(o.key), 7, 1, T0, T0 + 1, process=o.process) for o in paired])
     exports = cache.flush_all()
     assert sum(e[8] is not None for e in exports) == len(paired) > 20
-    records = RecordBuilder(profile.fields, biflow=True, ephemeral=EPHEMERAL).build(exports)
-    rows = RowBuilder(layouts, profile.fields, biflow=True, ephemeral=EPHEMERAL).build(exports)
+    records = RecordBuilder(
+        profile.fields, biflow=True, ephemeral=EPHEMERAL, container_ids=container_ids
+    ).build(exports)
+    rows = RowBuilder(
+        layouts, profile.fields, biflow=True, ephemeral=EPHEMERAL, container_ids=container_ids
+    ).build(exports)
+    assert any("4f" * 32 in (r.get("SRC_PROC_CONTAINER_ID"), r.get("DST_PROC_CONTAINER_ID"))
+               for r in records)
     assert rows == dict_rows(session, records)
 
 

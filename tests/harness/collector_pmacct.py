@@ -206,6 +206,9 @@ class Nfacctd:
                     f"print_output_file[out]: {self.output}",
                     "print_output_file_append[out]: true",
                     "print_refresh_time[out]: 1",
+                    # The default (16411 aggregates per refresh) overflows when one nfacctd gets
+                    # IPFIX and v9 copies of ~8000 records a second: records vanish, no error.
+                    "print_cache_entries[out]: 65521",
                     "timestamps_since_epoch: true",
                     f"logfile: {self.log_path}",
                     "",
