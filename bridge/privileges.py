@@ -116,7 +116,7 @@ def map_access_after_drop(account: Account | None = None) -> ProbeResult:
         return ProbeResult(False, f"not tried: creating a BPF map failed: {exc.strerror}")
     try:
         child = subprocess.run(
-            [sys.executable, "-S", "-c", _CHILD, str(fd), str(_SYS_BPF)],
+            [os.path.realpath(sys.executable), "-S", "-c", _CHILD, str(fd), str(_SYS_BPF)],
             pass_fds=[fd],
             user=account.uid,
             group=account.gid,

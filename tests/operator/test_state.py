@@ -157,7 +157,8 @@ def _connect_as_nobody(path: str) -> dict:
         "import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
         "s.sendall(b'{\"request\":\"snapshot\"}\\n');print(s.recv(65536).decode())"
     )
-    out = subprocess.run([sys.executable, "-S", "-c", code, path], user=65534,
+    # The real interpreter: a virtualenv may sit in a directory nobody cannot enter (tox: 0700).
+    out = subprocess.run([os.path.realpath(sys.executable), "-S", "-c", code, path], user=65534,
                          group=65534, extra_groups=[], capture_output=True, text=True,
                          timeout=20, cwd="/")
     assert out.returncode == 0, out.stderr
