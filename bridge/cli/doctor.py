@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -16,9 +17,12 @@ def doctor() -> None:
     Example:
       sudo flowbridge doctor
     """
+    from bridge.privileges import privilege_drop_check
     from ebpf.preflight import run_checks
 
     checks = run_checks()
+    if os.geteuid() == 0:  # the probe makes a map and hands it to `nobody`: root only
+        checks.append(privilege_drop_check())
     width = max(len(c.name) for c in checks)
     for check in checks:
         mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")

@@ -22,7 +22,8 @@ def test_doctor_passes_on_a_capable_host(needs_root):
     assert code == 0, output
     for name in ("kernel", "privileges", "cgroup v2", "bcc", "kernel headers", "tracefs",
                  "hook sock_ops", "hook connect4", "hook sock_create", "hook sock_release",
-                 "hook tracepoint tcp:tcp_destroy_sock", "hook TCX (interface counting)"):
+                 "hook tracepoint tcp:tcp_destroy_sock", "hook TCX (interface counting)",
+                 "run --user (drop privileges)"):
         line = next((ln for ln in output.splitlines() if f"  {name}  " in ln + "  "), None)
         assert line is not None and line.startswith("ok"), f"{name}: {line}\n{output}"
     assert "flowbridge can run here" in output
