@@ -110,22 +110,18 @@ def _elem_attr(map_fd: int, key: ctypes.Array, value: ctypes.Array | None, flags
 
 def lookup_and_delete(map_fd: int, key: bytes, value_size: int) -> bytes | None:
     """The value of key, removed from the map in the same step; None if absent."""
-    kbuf = ctypes.create_string_buffer(key, len(key))
-    vbuf = ctypes.create_string_buffer(value_size)
-    try:
-        _bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, _elem_attr(map_fd, kbuf, vbuf))
-    except BpfError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
-    return vbuf.raw
+    return _lookup(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map_fd, key, value_size)
 
 
 def lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    return _lookup(BPF_MAP_LOOKUP_ELEM, map_fd, key, value_size)
+
+
+def _lookup(cmd: int, map_fd: int, key: bytes, value_size: int) -> bytes | None:
     kbuf = ctypes.create_string_buffer(key, len(key))
     vbuf = ctypes.create_string_buffer(value_size)
     try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, _elem_attr(map_fd, kbuf, vbuf))
+        _bpf(cmd, _elem_attr(map_fd, kbuf, vbuf))
     except BpfError as exc:
         if exc.errno == errno.ENOENT:
             return None
