@@ -17,18 +17,12 @@ from bridge.rows import RowBuilder
 from ebpf.observation import Direction, EndCause, ProcessInfo, TcpHealth
 from ipfix.profile import load_profile
 from ipfix.session import ExportSession
+from tests.harness.formats import FORMATS
 
 from .helpers import T0, FakeClock, Sink, key, obs, reverse
 
 EPHEMERAL = (32768, 60999)
-CASES = [
-    ("ipfix", "standard"),
-    ("ipfix", "ntop"),
-    ("v9", "standard"),
-    ("v9", "ntop"),
-    ("v9", "nfdump-latency"),
-    ("v5", "v5"),
-]
+CASES = FORMATS
 CONTAINER_FIELDS = ("SRC_PROC_CONTAINER_ID", "DST_PROC_CONTAINER_ID")
 CURL = ProcessInfo(pid=4242, comm="curl", uid=1000, cgroup_id=7)
 NGINX = ProcessInfo(pid=80, comm="nginx: worker", uid=33, cgroup_id=9)

@@ -16,16 +16,9 @@ from dataclasses import dataclass, field
 
 from ipfix.profile import Profile, load_profile
 from ipfix.session import ExportSession
+from tests.harness.formats import FORMATS
 
-# (protocol, profile): the combinations the profiles declare.
-STREAM_SPECS = (
-    ("ipfix", "standard"),
-    ("ipfix", "ntop"),
-    ("v9", "standard"),
-    ("v9", "ntop"),
-    ("v9", "nfdump-latency"),
-    ("v5", "v5"),
-)
+STREAM_SPECS = FORMATS  # (protocol, profile): what the shipped profiles declare
 IPV4_RECORDS = 70  # > 30: several v5 packets; with IPv6, several 1400-byte IPFIX/v9 messages
 IPV6_RECORDS = 40
 BATCH = 23  # records per encode() call: messages of a batch end part-full, like a live export

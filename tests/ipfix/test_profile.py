@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ipfix.errors import ProfileError
-from ipfix.profile import load_profile, template_dirs
+from ipfix.profile import load_profile, shipped_profiles, template_dirs
 
 GOOD = """\
 name = "mine"
@@ -129,3 +129,11 @@ def test_more_than_60_fields_is_refused(tmp_path: Path) -> None:
 def test_unknown_shipped_name() -> None:
     with pytest.raises(ProfileError, match="no such shipped profile.*standard"):
         load_profile("nope")
+
+
+def test_the_tests_format_list_is_what_the_shipped_profiles_declare() -> None:
+    from tests.harness.formats import FORMATS
+
+    declared = {(p, name) for name in shipped_profiles() for p in load_profile(name).protocols}
+    assert sorted(FORMATS) == sorted(declared)
+    assert len(set(FORMATS)) == len(FORMATS)

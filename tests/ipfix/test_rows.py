@@ -12,16 +12,10 @@ from ipfix.decoder import Decoder
 from ipfix.errors import IpfixError
 from ipfix.profile import load_profile
 from ipfix.session import ExportSession
+from tests.harness.formats import FORMATS
 from tests.ipfix.strategies import NOW_MS, records
 
-CASES = [
-    ("ipfix", "standard"),
-    ("ipfix", "ntop"),
-    ("v9", "standard"),
-    ("v9", "ntop"),
-    ("v9", "nfdump-latency"),
-    ("v5", "v5"),
-]
+CASES = FORMATS
 
 
 class Clock:
