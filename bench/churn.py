@@ -1,16 +1,26 @@
 """The agent's cost per connection under connection churn: nginx on loopback, wrk opening a new
 connection per request (`Connection: close`) as fast as it can, and the whole `flowbridge run`
-(a subprocess) exporting IPFIX to a real nfcapd on loopback.
+(a subprocess) exporting IPFIX to a real nfcapd on loopback; then the same load with softflowd
+and with pmacctd (packet-capture exporters, bench/peers.py) in its place, each with its own
+nfcapd, so their cost and loss print beside ours.
 
-    python -m bench.churn [--seconds 10] [--connections 32] [--strict]
+    python -m bench.churn [--seconds 10] [--connections 32] [--peers softflowd,pmacctd]
+                          [--strict]
 
-Prints one JSON line per result {"name", "value", "unit", "peer", "peer_value", "ratio"}:
-- requests/s with the agent, against the same nginx without it (issue 3: at most 5% fewer);
-- agent CPU (utime + stime from /proc/PID/stat, from just before wrk until its flows drained)
-  per 1000 connections and as % of one core, against the issue 6 budget: 10% of one core at
-  10,000 connections/s, i.e. 10 ms of CPU per 1000 connections;
-- connections nginx logged without a flow record in nfcapd's files, per direction and side
-  (zero lost), against the number logged.
+Prints one JSON line per result {"name", "value", "unit", "peer", "peer_value", "ratio"}, per
+exporter (churn_<exporter>_...; flowbridge's lines keep their names churn_...):
+- requests/s with the exporter, against the same nginx without it just before (issue 3: at
+  most 5% fewer);
+- the load's own CPU (nginx workers + wrk) per request, with against without: what the
+  exporter costs the traffic, kernel work included, and much steadier than requests/s on a
+  shared machine;
+- exporter CPU (utime + stime of its process tree, from just before wrk until its flows
+  drained) per 1000 connections and as % of one core, against the issue 6 budget: 10% of one
+  core at 10,000 connections/s, i.e. 10 ms of CPU per 1000 connections;
+- for flowbridge, kernel ns per connection in its BPF programs (run_time_ns);
+- connections nginx logged without a flow record in the exporter's nfcapd files (zero lost),
+  against the number logged: flowbridge per direction and side, the capture exporters (no
+  direction) per side.
 wrk cannot pace its rate, so the rate is the highest wrk reaches here, reported as measured.
 """
 
@@ -25,28 +35,35 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.nginx import Nginx, run_wrk
+from bench.cpu import tree_cpu_seconds
+from bench.nginx import Nginx, WrkResult, run_wrk
+from bench.peers import PEERS
+from ebpf import progstats
 
 BUDGET_MS_PER_1000 = 10.0  # 10% of one core at 10,000 connections/s
 BUDGET_RATE_RATIO = 0.95
 SOCKET_BUFFER = 4 << 20
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def emit(name: str, value: float, unit: str, peer: str, peer_value: float) -> None:
     ratio = value / peer_value if peer_value else None
-    print(json.dumps({"name": name, "value": round(value, 3), "unit": unit, "peer": peer,
-                      "peer_value": round(peer_value, 3),
-                      "ratio": None if ratio is None else round(ratio, 4)}), flush=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (fields 14 and 15 of /proc/PID/stat, after the comm)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    print(
+        json.dumps(
+            {
+                "name": name,
+                "value": round(value, 3),
+                "unit": unit,
+                "peer": peer,
+                "peer_value": round(peer_value, 3),
+                "ratio": None if ratio is None else round(ratio, 4),
+            }
+        ),
+        flush=True,
+    )
 
 
 class Agent:
@@ -56,9 +73,17 @@ class Agent:
         self.log_path = workdir / "agent.log"
         exe = Path(sys.executable).with_name("flowbridge")
         argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "bridge.cli"]
-        self.argv = argv + ["run", "--collector", f"{collector[0]}:{collector[1]}",
-                            "--protocol", "ipfix", "--idle-timeout", "5",
-                            "--log-level", "info"]
+        self.argv = argv + [
+            "run",
+            "--collector",
+            f"{collector[0]}:{collector[1]}",
+            "--protocol",
+            "ipfix",
+            "--idle-timeout",
+            "5",
+            "--log-level",
+            "info",
+        ]
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Agent:
@@ -77,6 +102,9 @@ class Agent:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.pid)
 
     def log(self) -> str:
         return self.log_path.read_bytes().decode(errors="replace")
@@ -103,11 +131,16 @@ def records_by_side(flowdir: Path, server_port: int) -> dict[str, Counter[int]]:
     for path in files:
         out = subprocess.run(
             ["nfdump", "-q", "-N", "-r", path, "-o", "fmt:%sp %dp %dir", f"port {server_port}"],
-            capture_output=True, text=True, check=True).stdout
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         for line in out.splitlines():
             fields = line.split()
             if len(fields) < 3:
                 continue
+            if not (fields[0].isdigit() and fields[1].isdigit()):
+                continue  # "No matching flows" and the like
             sport, dport, direction = int(fields[0]), int(fields[1]), fields[2]
             if dport == server_port:
                 result.setdefault(f"to_server_dir{direction}", Counter())[sport] += 1
@@ -120,65 +153,155 @@ def missing(logged: Counter[int], seen: Counter[int]) -> int:
     return sum(max(0, n - seen[port]) for port, n in logged.items())
 
 
+@dataclass
+class Arm:
+    """One exporter's run under the load."""
+
+    name: str
+    without: WrkResult  # the load alone, just before
+    attached: WrkResult
+    load_cpu_without: float  # nginx + wrk CPU seconds
+    load_cpu_attached: float
+    connections: int
+    cpu_s: float
+    elapsed_s: float
+    lost: dict[str, int]
+    kernel: dict[str, progstats.ProgramCost] = field(default_factory=dict)
+
+    @property
+    def cpu_ms_per_1000(self) -> float:
+        return self.cpu_s * 1e6 / self.connections if self.connections else 0.0
+
+    @property
+    def load_us_per_request(self) -> tuple[float, float]:
+        """(with, without) CPU microseconds of nginx + wrk per request."""
+        return (self.load_cpu_attached * 1e6 / max(1, self.attached.requests),
+                self.load_cpu_without * 1e6 / max(1, self.without.requests))
+
+
+def loaded_run(nginx: Nginx, args: argparse.Namespace) -> tuple[WrkResult, float]:
+    """One wrk run: its result, and the CPU seconds nginx and wrk spent on it."""
+    nginx_before = nginx.cpu_seconds()
+    result = run_wrk(nginx.url, args.seconds, args.connections, True)
+    return result, nginx.cpu_seconds() - nginx_before + result.cpu_s
+
+
+def run_arm(name: str, nginx: Nginx, start: Callable[[tuple[str, int], Path], object],
+            args: argparse.Namespace, workdir: Path) -> Arm:
+    """The load alone, then with one exporter sending to its own nfcapd."""
+    from tests.harness.collector_nfdump import Nfcapd
+
+    without, load_without = loaded_run(nginx, args)
+    nfcapd = Nfcapd(workdir=workdir / f"nfcapd-{name}")
+    nfcapd.daemon.argv += ["-B", str(SOCKET_BUFFER)]  # 400k records in seconds: no drops
+    with nfcapd, start(nfcapd.address, workdir) as exporter:
+        time.sleep(2)  # start-up scan and first polls are not part of the measurement
+        nginx.truncate_log()
+        kernel0 = progstats.snapshot(exporter.pid) if name == "flowbridge" else {}
+        cpu0, t0 = exporter.cpu_seconds(), time.monotonic()
+        attached, load_attached = loaded_run(nginx, args)
+        flush = getattr(exporter, "flush", None)
+        if flush is not None:
+            flush()
+        time.sleep(args.drain)
+        cpu1, t1 = exporter.cpu_seconds(), time.monotonic()
+        kernel = {}
+        if kernel0:
+            kernel = progstats.difference(progstats.snapshot(exporter.pid), kernel0)
+        exporter.stop()
+        log = exporter.log()
+        code = exporter.process.returncode if exporter.process is not None else None
+        if code not in (0, -15, None):
+            print(f"# {name} exited {code}: {log[-2000:]}", file=sys.stderr)
+    nfcapd.stop()
+    requests, logged = nginx.logged_connections()
+    seen = records_by_side(nfcapd.flowdir, nginx.port)
+    connections = sum(logged.values())
+    if name == "flowbridge":
+        sides = ("to_server_dirI", "to_server_dirE", "to_client_dirI", "to_client_dirE")
+        lost = {side: missing(logged, seen.get(side, Counter())) for side in sides}
+    else:  # a capture has no direction: every record of a side counts
+        lost = {}
+        for side in ("to_server", "to_client"):
+            merged: Counter[int] = Counter()
+            for key, counts in seen.items():
+                if key.startswith(side):
+                    merged.update(counts)
+            lost[side] = missing(logged, merged)
+    print(f"# {name}: {connections} connections logged ({requests} requests) in "
+          f"{args.seconds} s, its CPU {cpu1 - cpu0:.2f} s over {t1 - t0:.1f} s, nfcapd socket "
+          f"drops {nfcapd.drops}, records per side "
+          f"{ {k: sum(v.values()) for k, v in seen.items()} }, missing per side {lost}",
+          file=sys.stderr, flush=True)
+    if max(lost.values()):
+        print(f"# {name} log (tail): {log[-3000:]}", file=sys.stderr, flush=True)
+    return Arm(name, without, attached, load_without, load_attached, connections,
+               cpu1 - cpu0, t1 - t0, lost, kernel)
+
+
+def report(arm: Arm, ours: Arm | None) -> bool:
+    """Emit an arm's lines; returns whether flowbridge is over budget (peers never are)."""
+    prefix = "churn" if ours is None else f"churn_{arm.name}"
+    emit(f"{prefix}_requests_per_s", arm.attached.requests_per_s, "req/s",
+         f"nginx without {arm.name}", arm.without.requests_per_s)
+    with_us, without_us = arm.load_us_per_request
+    emit(f"{prefix}_load_cpu_per_request", with_us, "us", f"nginx+wrk without {arm.name}",
+         without_us)
+    if ours is None:
+        emit(f"{prefix}_agent_cpu_per_1000_connections", arm.cpu_ms_per_1000, "ms",
+             "issue 6 budget (10% of a core at 10k conn/s)", BUDGET_MS_PER_1000)
+        rate = arm.connections / arm.elapsed_s if arm.elapsed_s else 0.0
+        emit(f"{prefix}_agent_cpu_percent_of_core", arm.cpu_s / arm.elapsed_s * 100, "%",
+             f"issue 6 budget scaled to {rate:.0f} conn/s", 10.0 * rate / 10_000)
+        if arm.kernel and arm.connections:
+            print(f"# flowbridge kernel "
+                  f"{progstats.describe(arm.kernel, arm.connections, 'connection')}",
+                  file=sys.stderr, flush=True)
+            emit(f"{prefix}_kernel_ns_per_connection",
+                 progstats.total_ns(arm.kernel) / arm.connections, "ns",
+                 "agent CPU per connection", arm.cpu_s * 1e9 / arm.connections)
+    else:
+        emit(f"{prefix}_cpu_per_1000_connections", arm.cpu_ms_per_1000, "ms",
+             "flowbridge agent", ours.cpu_ms_per_1000)
+    emit(f"{prefix}_connections_missing", max(arm.lost.values()), "connections",
+         "nginx access log", arm.connections)
+    return ours is None and (
+        arm.cpu_ms_per_1000 > BUDGET_MS_PER_1000 or max(arm.lost.values()) > 0
+        or arm.attached.requests_per_s < BUDGET_RATE_RATIO * arm.without.requests_per_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per arm")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--drain", type=float, default=4.0,
-                        help="seconds after wrk that still count as the agent's work")
+                        help="seconds after wrk that still count as the exporter's work")
+    parser.add_argument("--peers", default="softflowd,pmacctd",
+                        help="capture exporters to run on the same load ('' for none)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when over budget")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.churn: needs root (BPF)", file=sys.stderr)
         return 2
-    from tests.harness.collector_nfdump import Nfcapd
-
-    nfcapd = Nfcapd()
-    nfcapd.daemon.argv += ["-B", str(SOCKET_BUFFER)]  # 400k records in seconds: no drops
-    with tempfile.TemporaryDirectory(prefix="fb-churn-") as tmp, Nginx() as nginx, nfcapd:
+    peers = {peer.name: peer for peer in PEERS}
+    wanted = [name for name in args.peers.split(",") if name]
+    unknown = [name for name in wanted if name not in peers]
+    if unknown:
+        print(f"bench.churn: unknown peer {unknown[0]!r}; known: {', '.join(peers)}",
+              file=sys.stderr)
+        return 2
+    over = False
+    with tempfile.TemporaryDirectory(prefix="fb-churn-") as tmp, Nginx() as nginx, \
+            progstats.stats_enabled():
+        workdir = Path(tmp)
         run_wrk(nginx.url, 1, args.connections, True)  # warm-up: TIME_WAIT steady state
-        without = run_wrk(nginx.url, args.seconds, args.connections, True)
-        with Agent(nfcapd.address, Path(tmp)) as agent:
-            time.sleep(2)  # start-up scan and first polls are not part of the measurement
-            nginx.truncate_log()
-            cpu0, t0 = cpu_seconds(agent.pid), time.monotonic()
-            attached = run_wrk(nginx.url, args.seconds, args.connections, True)
-            time.sleep(args.drain)
-            cpu1, t1 = cpu_seconds(agent.pid), time.monotonic()
-            agent.stop()
-            agent_log = agent.log()
-            if agent.process is not None and agent.process.returncode not in (0, -15):
-                print(f"# agent exited {agent.process.returncode}: {agent.log()[-2000:]}",
-                      file=sys.stderr)
-        nfcapd.stop()
-        requests, logged = nginx.logged_connections()
-        seen = records_by_side(nfcapd.flowdir, nginx.port)
-    connections = sum(logged.values())
-    cpu = cpu1 - cpu0
-    print(f"# {connections} connections logged ({requests} requests) in {args.seconds} s, "
-          f"agent CPU {cpu:.2f} s over {t1 - t0:.1f} s, nfcapd socket drops {nfcapd.drops}, "
-          f"records per side: {({k: sum(v.values()) for k, v in seen.items()})}",
-          file=sys.stderr, flush=True)
-    emit("churn_requests_per_s", attached.requests_per_s, "req/s", "nginx without agent",
-         without.requests_per_s)
-    per_1000 = cpu * 1000 / connections * 1000 if connections else 0.0
-    emit("churn_agent_cpu_per_1000_connections", per_1000, "ms",
-         "issue 6 budget (10% of a core at 10k conn/s)", BUDGET_MS_PER_1000)
-    rate = connections / args.seconds
-    emit("churn_agent_cpu_percent_of_core", cpu / (t1 - t0) * 100, "%",
-         f"issue 6 budget scaled to {rate:.0f} conn/s", 10.0 * rate / 10_000)
-    sides = ("to_server_dirI", "to_server_dirE", "to_client_dirI", "to_client_dirE")
-    lost = {side: missing(logged, seen.get(side, Counter())) for side in sides}
-    once = Counter({port: n for port, n in logged.items() if n == 1})
-    lost_once = {side: missing(once, seen.get(side, Counter())) for side in sides}
-    print(f"# connections without a record, per side: {lost}; of them on client ports "
-          f"nginx logged once: {lost_once} (of {len(once)})", file=sys.stderr, flush=True)
-    if max(lost.values()):
-        print(f"# agent log (tail): {agent_log[-3000:]}", file=sys.stderr, flush=True)
-    emit("churn_connections_missing", max(lost.values()), "connections", "nginx access log",
-         connections)
-    over = (per_1000 > BUDGET_MS_PER_1000 or max(lost.values()) > 0
-            or attached.requests_per_s < BUDGET_RATE_RATIO * without.requests_per_s)
+        ours = run_arm("flowbridge", nginx, Agent, args, workdir)
+        over |= report(ours, None)
+        for name in wanted:
+            if not peers[name].available():
+                print(f"# {name} is not installed: skipped", file=sys.stderr, flush=True)
+                continue
+            report(run_arm(name, nginx, peers[name], args, workdir), ours)
     return 1 if over and args.strict else 0
 
 

@@ -1,6 +1,7 @@
 """Encoding speed: flowbridge's IPFIX and v9 encoders against python-ipfix and scapy, on the same
 records, in the same run, into full messages (1400 bytes, templates refreshed as in real use),
-as rows (`encode_rows`, what the agent sends) and as record dicts (`encode`). Rates are per
+as rows (`encode_rows`, what the agent sends) and as record dicts (`encode`); then rows of the
+shipped standard profile, which no peer takes (`*.rows.standard`, peer null). Rates are per
 second of CPU time of the encoding process. One JSON line per result:
 {"name", "value", "unit", "peer", "peer_value", "ratio"}.
 
@@ -72,6 +73,16 @@ def ours(protocol: str, batch: list[dict]) -> tuple[float, float]:
     layout = session.row_layout(4)
     rows = [tuple(r.get(key, default) for key, default in layout) for r in batch]
     return dicts, best_rate(lambda rows: session.encode_rows(4, rows), rows)
+
+
+def standard_rows(protocol: str) -> float:
+    """encode_rows with the shipped standard profile as the agent runs it (its IPv4 template:
+    the fields above plus icmpTypeCodeIPv4 and samplingInterval). No peer can take it as is."""
+    session = ExportSession(protocol, load_profile("standard"), 1)
+    layout = session.row_layout(4)
+    made = synthetic_records(1, RECORDS, NOW_MS, allow_ipv6=False)
+    rows = [tuple(r.get(key, default) for key, default in layout) for r in made]
+    return best_rate(lambda rows: session.encode_rows(4, rows), rows)
 
 
 PYTHON_IPFIX = r"""
@@ -224,7 +235,7 @@ def struct_floor(batch: list[dict]) -> float:
     return best_rate(encode, batch)
 
 
-def emit(name: str, value: float, peer: str, peer_value: float | None) -> None:
+def emit(name: str, value: float, peer: str | None, peer_value: float | None) -> None:
     line = {
         "name": name,
         "value": round(value),
@@ -241,6 +252,7 @@ def main() -> None:
     peer_batch = batch[:PEER_RECORDS]
     ipfix_dicts, ipfix_rows = ours("ipfix", batch)
     v9_dicts, v9_rows = ours("v9", batch)
+    standard = {protocol: standard_rows(protocol) for protocol in ("ipfix", "v9")}
     python_ipfix_rate = python_ipfix(peer_batch)
     scapy_ipfix = scapy_rate("ipfix", peer_batch[:1500])
     floor = struct_floor(batch)
@@ -251,6 +263,8 @@ def main() -> None:
         emit(name, rate, "struct-floor", floor)
     emit("encode.v9.rows", v9_rows, "scapy", scapy_v9)
     emit("encode.v9.dicts", v9_dicts, "scapy", scapy_v9)
+    for protocol, rate in standard.items():
+        emit(f"encode.{protocol}.rows.standard", rate, None, None)
 
 
 if __name__ == "__main__":

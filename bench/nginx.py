@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.cpu import children_cpu_seconds, tree_cpu_seconds
+
 CONFIG = """\
 daemon off;
 master_process on;
@@ -49,6 +51,7 @@ class WrkResult:
     requests_per_s: float
     socket_errors: int
     non_2xx: int
+    cpu_s: float = 0.0  # wrk's own user + system CPU
 
 
 def free_port() -> int:
@@ -71,10 +74,10 @@ class Nginx:
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Nginx:
-        self.config.write_text(CONFIG.format(workers=self.workers, root=self.root,
-                                             port=self.port))
-        self.process = subprocess.Popen(["nginx", "-p", str(self.root), "-c", str(self.config)],
-                                        stderr=subprocess.PIPE)
+        self.config.write_text(CONFIG.format(workers=self.workers, root=self.root, port=self.port))
+        self.process = subprocess.Popen(
+            ["nginx", "-p", str(self.root), "-c", str(self.config)], stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -103,6 +106,11 @@ class Nginx:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
 
+    def cpu_seconds(self) -> float:
+        """CPU of the master and its workers so far (workers do the work)."""
+        assert self.process is not None
+        return tree_cpu_seconds(self.process.pid)
+
     def truncate_log(self) -> None:
         (self.root / "access.log").write_bytes(b"")
 
@@ -117,20 +125,26 @@ class Nginx:
         return requests, Counter(port for port, _ in connections)
 
 
-def run_wrk(url: str, seconds: int, connections: int, close: bool, threads: int = 1
-            ) -> WrkResult:
+def run_wrk(url: str, seconds: int, connections: int, close: bool, threads: int = 1) -> WrkResult:
     """wrk against url; close=True sends `Connection: close` (one connection per request)."""
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", url]
     if close:
         argv[1:1] = ["-H", "Connection: close"]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True,
-                         timeout=seconds + 30).stdout
+    cpu_before = children_cpu_seconds()
+    out = subprocess.run(
+        argv, capture_output=True, text=True, check=True, timeout=seconds + 30
+    ).stdout
+    cpu = children_cpu_seconds() - cpu_before
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
     if rate is None or total is None:
         raise RuntimeError(f"unexpected wrk output: {out}")
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return WrkResult(int(total.group(1)), float(rate.group(1)),
-                     sum(map(int, errors.groups())) if errors else 0,
-                     int(non_2xx.group(1)) if non_2xx else 0)
+    return WrkResult(
+        int(total.group(1)),
+        float(rate.group(1)),
+        sum(map(int, errors.groups())) if errors else 0,
+        int(non_2xx.group(1)) if non_2xx else 0,
+        cpu,
+    )

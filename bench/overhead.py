@@ -3,12 +3,18 @@ collector attached (and polled, as the agent polls it) and without, alternating 
 for new-connection-per-request (`Connection: close`) and keep-alive HTTP/1.1 on loopback.
 
 Also a correctness check under load: every connection nginx logged must appear in the
-collector's flows (matched per client port, nginx's connection serial telling connections apart).
+collector's flows in both directions (matched per client port, nginx's connection serial telling
+connections apart).
 
     python -m bench.overhead [--rounds 4] [--seconds 5] [--strict]
 
 One JSON line per result: {"name", "value", "unit", "peer", "peer_value", "ratio"}; the peer is
 the same nginx without the collector (for the missing-connections lines: nginx's access log).
+Besides req/s (noisy on a shared machine): the CPU nginx and wrk spend per request with and
+without the collector (its kernel programs run on their CPUs), the kernel ns per request or
+connection in the collector's BPF programs (run_time_ns; statistics are on for the whole run,
+which adds two clock reads per program run: the figures are slightly pessimistic), and for
+`close` the polling thread's CPU per 1000 connections.
 Budget: at most 5% fewer requests/s, zero missing connections (`--strict` exits 1 otherwise).
 """
 
@@ -23,8 +29,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from bench.nginx import Nginx, WrkResult, run_wrk
+from ebpf import progstats
 from ebpf.observation import Direction, ObservationSource
 
 BUDGET_RATIO = 0.95
@@ -67,6 +75,12 @@ class ConnectionTally:
     def count(self) -> int:
         return sum(len(f) for f in self.flows.values())
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the polling thread so far: the collector's userspace cost (and the
+        tally's few set insertions per observation)."""
+        assert self._thread.ident is not None
+        return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
+
     def missing(self, logged: Counter[int]) -> dict[Direction, int]:
         """Per direction: logged connections with no flow of their client port."""
         result = {}
@@ -89,20 +103,44 @@ def wait_quiet(tally: ConnectionTally, settle_s: float = 1.5, limit_s: float = 1
         time.sleep(0.1)
 
 
-def measured_round(nginx: Nginx, attach: Callable[[], object] | None, seconds: int,
-                   connections: int, close: bool) -> tuple[WrkResult, dict | None]:
+@dataclass
+class Round:
+    result: WrkResult
+    load_cpu_s: float  # nginx workers + wrk
+    check: dict | None = None  # with the collector: logged connections against its flows
+    kernel: dict[str, progstats.ProgramCost] = field(default_factory=dict)
+    collector_cpu_s: float = 0.0  # the polling thread
+
+    @property
+    def load_us_per_request(self) -> float:
+        return self.load_cpu_s * 1e6 / max(1, self.result.requests)
+
+
+def loaded_run(nginx: Nginx, seconds: int, connections: int, close: bool
+               ) -> tuple[WrkResult, float]:
+    nginx_before = nginx.cpu_seconds()
+    result = run_wrk(nginx.url, seconds, connections, close)
+    return result, nginx.cpu_seconds() - nginx_before + result.cpu_s
+
+
+def measured_round(
+    nginx: Nginx, attach: Callable[[], object] | None, seconds: int, connections: int, close: bool
+) -> Round:
     """One wrk run; with `attach` the collector is loaded and polled during it and the logged
     connections are matched against its flows."""
     if attach is None:
         nginx.truncate_log()
-        return run_wrk(nginx.url, seconds, connections, close), None
+        return Round(*loaded_run(nginx, seconds, connections, close))
     collector = attach()
     tally = ConnectionTally(collector, nginx.port).start()
     try:
         time.sleep(0.3)  # the first polls of pre-existing flows are not part of the measurement
         nginx.truncate_log()
-        result = run_wrk(nginx.url, seconds, connections, close)
+        kernel_before, tally_before = progstats.snapshot(), tally.cpu_seconds()
+        result, load_cpu = loaded_run(nginx, seconds, connections, close)
+        kernel = progstats.difference(progstats.snapshot(), kernel_before)
         wait_quiet(tally)
+        collector_cpu = tally.cpu_seconds() - tally_before
     finally:
         tally.stop()
         collector.close()
@@ -110,49 +148,98 @@ def measured_round(nginx: Nginx, attach: Callable[[], object] | None, seconds: i
         raise RuntimeError(f"poll() failed: {tally.error!r}")
     requests, logged = nginx.logged_connections()
     missing = tally.missing(logged)
-    best = min(missing, key=missing.get)
-    return result, {"requests_logged": requests, "connections_logged": sum(logged.values()),
-                    "missing": missing[best], "direction": best.name,
-                    "missing_by_direction": {d.name: n for d, n in missing.items()},
-                    "flows_seen": tally.count(), "observations": tally.observations}
+    worst = max(missing, key=missing.get)
+    check = {
+        "requests_logged": requests,
+        "connections_logged": sum(logged.values()),
+        "missing": missing[worst],
+        "direction": worst.name,
+        "missing_by_direction": {d.name: n for d, n in missing.items()},
+        "flows_seen": tally.count(),
+        "observations": tally.observations,
+    }
+    return Round(result, load_cpu, check, kernel, collector_cpu)
 
 
 def emit(name: str, value: float, unit: str, peer: str, peer_value: float) -> None:
     ratio = value / peer_value if peer_value else None
-    print(json.dumps({"name": name, "value": round(value, 3), "unit": unit, "peer": peer,
-                      "peer_value": round(peer_value, 3),
-                      "ratio": None if ratio is None else round(ratio, 4)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "name": name,
+                "value": round(value, 3),
+                "unit": unit,
+                "peer": peer,
+                "peer_value": round(peer_value, 3),
+                "ratio": None if ratio is None else round(ratio, 4),
+            }
+        ),
+        flush=True,
+    )
 
 
-def bench_mode(nginx: Nginx, attach: Callable[[], object], mode: str, args: argparse.Namespace
-               ) -> tuple[float, int]:
+def bench_mode(
+    nginx: Nginx, attach: Callable[[], object], mode: str, args: argparse.Namespace
+) -> tuple[float, int]:
     close = mode == "close"
     run_wrk(nginx.url, 1, args.connections, close)  # warm-up: caches, TIME_WAIT steady state
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    checks = []
+    rounds: dict[bool, list[Round]] = {False: [], True: []}
     for index in range(args.rounds):
         order = (False, True) if index % 2 == 0 else (True, False)  # ABBA against drift
         for attached in order:
-            result, check = measured_round(nginx, attach if attached else None, args.seconds,
-                                           args.connections, close)
-            rates[attached].append(result.requests_per_s)
-            print(f"# {mode} round {index} {'with' if attached else 'without'} collector: "
-                  f"{result.requests_per_s:.0f} req/s, {result.socket_errors} socket errors"
-                  + (f", {json.dumps(check)}" if check else ""), file=sys.stderr, flush=True)
-            if check:
-                checks.append(check)
+            measured = measured_round(
+                nginx, attach if attached else None, args.seconds, args.connections, close
+            )
+            rounds[attached].append(measured)
+            result, check = measured.result, measured.check
+            print(
+                f"# {mode} round {index} {'with' if attached else 'without'} collector: "
+                f"{result.requests_per_s:.0f} req/s, {measured.load_us_per_request:.1f} us "
+                f"nginx+wrk CPU per request, {result.socket_errors} socket errors"
+                + (f", {json.dumps(check)}" if check else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+    rates = {arm: [r.result.requests_per_s for r in rs] for arm, rs in rounds.items()}
     with_collector = statistics.median(rates[True])
     without = statistics.median(rates[False])
     paired = [round(w / wo, 3) for w, wo in zip(rates[True], rates[False], strict=True)]
-    print(f"# {mode}: with/without per round (adjacent in time) {paired}, "
-          f"spread without collector {min(rates[False]):.0f}..{max(rates[False]):.0f} req/s",
-          file=sys.stderr, flush=True)
-    emit(f"nginx_{mode}_requests_per_s", with_collector, "req/s", "nginx without collector",
-         without)
-    missing = sum(c["missing"] for c in checks)
+    print(
+        f"# {mode}: with/without per round (adjacent in time) {paired}, "
+        f"spread without collector {min(rates[False]):.0f}..{max(rates[False]):.0f} req/s",
+        file=sys.stderr,
+        flush=True,
+    )
+    emit(
+        f"nginx_{mode}_requests_per_s", with_collector, "req/s", "nginx without collector", without
+    )
+    # CPU of the load itself per request: what the collector costs the traffic (its kernel
+    # programs run on the load's CPUs), far steadier than req/s on a shared machine.
+    load_with = statistics.median(r.load_us_per_request for r in rounds[True])
+    load_without = statistics.median(r.load_us_per_request for r in rounds[False])
+    emit(f"nginx_{mode}_load_cpu_per_request", load_with, "us",
+         "nginx+wrk without collector", load_without)
+    kernel: dict[str, progstats.ProgramCost] = {}
+    for r in rounds[True]:
+        for name, cost in r.kernel.items():
+            before = kernel.get(name, progstats.ProgramCost(0, 0))
+            kernel[name] = progstats.ProgramCost(before.run_time_ns + cost.run_time_ns,
+                                                 before.run_cnt + cost.run_cnt)
+    requests = sum(r.result.requests for r in rounds[True])
+    if requests and kernel:
+        unit = "connection" if close else "request"
+        print(f"# {mode}: kernel {progstats.describe(kernel, requests, unit)}",
+              file=sys.stderr, flush=True)
+        emit(f"nginx_{mode}_kernel_ns_per_{unit}", progstats.total_ns(kernel) / requests, "ns",
+             "nginx+wrk CPU per request without collector", load_without * 1000)
+    checks = [r.check for r in rounds[True] if r.check]
     logged = sum(c["connections_logged"] for c in checks)
-    emit(f"nginx_{mode}_connections_missing", missing, "connections", "nginx access log",
-         logged)
+    if close and logged:
+        collector_cpu = sum(r.collector_cpu_s for r in rounds[True])
+        emit("nginx_close_collector_cpu_per_1000_connections", collector_cpu * 1e6 / logged,
+             "ms", "issue 6 budget for the whole agent (10% of a core at 10k conn/s)", 10.0)
+    missing = sum(c["missing"] for c in checks)
+    emit(f"nginx_{mode}_connections_missing", missing, "connections", "nginx access log", logged)
     return with_collector / without, missing
 
 
@@ -174,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.overhead: ebpf.collector is not importable: {exc}", file=sys.stderr)
         return 2
     over_budget = False
-    with Nginx(workers=args.workers) as nginx:
+    with Nginx(workers=args.workers) as nginx, progstats.stats_enabled():
         for mode in args.modes.split(","):
             ratio, missing = bench_mode(nginx, FlowCollector, mode, args)
             over_budget |= ratio < BUDGET_RATIO or missing > 0

@@ -14,10 +14,10 @@ from functools import partial
 from bridge.cache import Export
 from bridge.config import CollectorConfig
 from bridge.errors import UserError
-from bridge.messages import carries_templates, data_record_counts
+from bridge.messages import carries_templates, data_record_counts, numbered_before
 from bridge.records import RecordBuilder, biflow_profile
 from bridge.rows import RowBuilder, in_row_order
-from bridge.transport import Transport, open_transport
+from bridge.transport import Transport, open_collector_transport
 from ipfix.errors import IpfixError
 from ipfix.profile import Profile, load_profile
 from ipfix.session import ExportSession
@@ -46,6 +46,7 @@ class Exporter:
         transport: Transport | None = None,
         on_socket: Callable | None = None,
         container_ids: Callable[[int], str] | None = None,
+        command_lines: Callable[[int, str], str] | None = None,
     ) -> None:
         self.config = config
         self.protocol = config.protocol
@@ -68,14 +69,21 @@ class Exporter:
         except IpfixError as exc:
             raise UserError(f"collector {config.address}: {exc}") from None
         self.builder = RecordBuilder(
-            profile.fields, biflow=self.biflow, container_ids=container_ids
+            profile.fields,
+            biflow=self.biflow,
+            container_ids=container_ids,
+            command_lines=command_lines,
         )
         layouts = {family: self.session.row_layout(family) for family in (4, 6)}
         self.rows = RowBuilder(
-            layouts, profile.fields, biflow=self.biflow, container_ids=container_ids
+            layouts,
+            profile.fields,
+            biflow=self.biflow,
+            container_ids=container_ids,
+            command_lines=command_lines,
         )
         if transport is None:
-            transport = open_transport(config.transport, config.host, config.port, config.source)
+            transport = open_collector_transport(config)
         self.transport = transport
         if on_socket is not None:
             transport.on_socket = on_socket
@@ -97,6 +105,9 @@ class Exporter:
     def _on_connect(self) -> list[bytes]:
         messages = self.session.template_messages()
         self.template_messages += len(messages)
+        waiting = getattr(self.transport, "waiting", None)
+        if waiting is not None:  # the templates go ahead of older queued messages
+            messages = numbered_before(self.protocol, messages, waiting())
         return messages
 
     def export(self, exports: Sequence[Export], *, biflow_cache: bool = False) -> None:
@@ -153,14 +164,18 @@ class Exporter:
             position += count
         self.records_exported += total - refused
 
-    def send_options(self, interfaces: dict[int, str] | None = None) -> None:
+    def send_options(
+        self, interfaces: dict[int, str] | None = None, ignored_packets: int = 0
+    ) -> None:
         """Exporter statistics (RFC 7011 §4.3), system init time and interface names, as far as
         the protocol carries them. Sampling goes in every record (samplingInterval = 1) instead
-        of an options record, which would sit in the flow domain (collectors.md 2.12)."""
+        of an options record, which would sit in the flow domain (collectors.md 2.12).
+        `ignored_packets`: packets the kernel did not meter (its flow map was full)."""
         stats = {
             "notSentFlowTotalCount": self.transport.stats.records_dropped,
             "notSentPacketTotalCount": self.not_sent_packets,
             "notSentOctetTotalCount": self.not_sent_octets,
+            "ignoredPacketTotalCount": ignored_packets,
         }
         try:
             messages = self.session.options_messages(stats, interfaces=interfaces)

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from bridge.addresses import parse_hostport
 from bridge.agent import Agent
 from bridge.cache import EndReason
+from bridge.config import metrics_address
 from bridge.errors import UserError
 
 
@@ -74,6 +75,11 @@ class AgentCollector:
             "tcp_connects", "TCP connections established", lambda e: e.transport.stats.connects
         )
         yield per_collector(
+            "tls_handshake_failures",
+            "TLS handshakes failed or refused (certificate verification, alerts)",
+            lambda e: e.transport.stats.tls_failures,
+        )
+        yield per_collector(
             "backlog_messages",
             "Messages waiting for a TCP collector",
             lambda e: e.transport.backlog_messages,
@@ -132,9 +138,12 @@ class AgentCollector:
             yield extra
 
 
-def serve_metrics(agent: Agent, address: str) -> CollectorRegistry:
-    """Starts the HTTP endpoint (a daemon thread) on HOST:PORT."""
-    host, port = parse_hostport(address, "--metrics")
+def serve_metrics(agent: Agent, address: str | int) -> CollectorRegistry:
+    """Starts the HTTP endpoint (a daemon thread) on HOST:PORT; a bare PORT means loopback."""
+    try:
+        host, port = parse_hostport(metrics_address(address), "--metrics")
+    except UserError as exc:
+        raise UserError(f"--{exc}") from None
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
     try:

@@ -205,23 +205,9 @@ def stop_interface_discovery(source: object) -> bool:
     """After the drop, the eBPF collector's periodic namespace scan would see only the
     namespaces an ordinary user may look at (/proc/<pid>/ns/net of root's processes is
     closed to it) and detach the programs of all the others. Stop that scan; what is attached
-    stays attached. Returns whether there was a scan to stop.
-
-    This reaches into FlowCollector's private `_stop`/`_watcher`: ebpf/ owns that class, and a
-    public `FlowCollector.stop_discovery()` is requested from it."""
+    stays attached. Returns whether there was a scan to stop (sources without one: False)."""
     stop_discovery = getattr(source, "stop_discovery", None)
-    if callable(stop_discovery):
-        stop_discovery()
-        return True
-    stop = getattr(source, "_stop", None)
-    watcher = getattr(source, "_watcher", None)
-    if stop is None or watcher is None:
+    if not callable(stop_discovery):
         return False
-    stop.set()
-    watcher.join(timeout=5)
-    attacher = getattr(source, "_attacher", None)
-    if attacher is not None:
-        # Rescans on an unknown namespace cookie (collector._netns_inode) must not detach
-        # either: from now on the set of attached namespaces is fixed.
-        attacher.sync = lambda: None
+    stop_discovery()
     return True

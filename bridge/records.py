@@ -10,7 +10,8 @@ Semantics (collectors.md 3.2):
   client host the client side is ~0 and the server side is RTT/2, and the reverse on a server.
   Client or server: FlowObservation.local_initiated when the kernel knows, else a port guess.
 - The local process goes into SRC_PROC_* when the local end is the source (egress), else DST_PROC_*;
-  so does its container id (SRC/DST_PROC_CONTAINER_ID), when the agent gives a resolver.
+  so does its container id (SRC/DST_PROC_CONTAINER_ID), when the agent gives a resolver, and its
+  command line (SRC/DST_PROC_CMDLINE), only when the agent gives one (the operator's opt-in).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ _PROCESS = {
 }
 _CONTAINER = {"SRC_PROC_CONTAINER_ID", "DST_PROC_CONTAINER_ID"}
 ContainerIds = Callable[[int], str]  # cgroup id -> container id, "" for none (bridge.agent)
+_CMDLINE = {"SRC_PROC_CMDLINE", "DST_PROC_CMDLINE"}
+CommandLines = Callable[[int, str], str]  # (pid, comm) -> command line (bridge.command_lines)
 
 
 def ephemeral_port_range() -> tuple[int, int]:
@@ -112,8 +115,10 @@ class RecordBuilder:
         biflow: bool = False,
         ephemeral: tuple[int, int] | None = None,
         container_ids: ContainerIds | None = None,
+        command_lines: CommandLines | None = None,
     ) -> None:
-        """`container_ids`: without it, the container elements are left unset (their default)."""
+        """`container_ids`, `command_lines`: without them, the container and command-line
+        elements are left unset (their default)."""
         wanted = set(fields)
         self.biflow = biflow
         self._retrans = bool(wanted & _NTOP_RETRANS)
@@ -121,6 +126,7 @@ class RecordBuilder:
         self._legacy_latency = bool(wanted & _LEGACY_LATENCY)
         self._process = bool(wanted & _PROCESS)
         self._container_ids = container_ids if wanted & _CONTAINER else None
+        self._command_lines = command_lines if wanted & _CMDLINE else None
         self._icmp = bool(wanted & {"icmpTypeCodeIPv4", "icmpTypeCodeIPv6"})
         self._ephemeral = ephemeral or ephemeral_port_range()
 
@@ -134,6 +140,7 @@ class RecordBuilder:
             or self._legacy_latency
             or self._process
             or self._container_ids
+            or self._command_lines
         ):
             return [base(e) for e in exports]
         records = []
@@ -217,6 +224,10 @@ class RecordBuilder:
             container = self._container_ids(process.cgroup_id)
             if container:
                 record[f"{side}_PROC_CONTAINER_ID"] = container
+        if self._command_lines is not None:
+            command_line = self._command_lines(process.pid, process.comm)
+            if command_line:
+                record[f"{side}_PROC_CMDLINE"] = command_line
 
     def _biflow_record(self, export: Export) -> dict:
         """Forward = the initiator's direction when both are known (biflowDirection 1)."""

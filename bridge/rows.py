@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from operator import itemgetter
 
 from bridge.cache import Export
-from bridge.records import ContainerIds, RecordBuilder, ephemeral_port_range
+from bridge.records import CommandLines, ContainerIds, RecordBuilder, ephemeral_port_range
 
 # How each element is read from one cache export, as a Python expression over the locals of the
 # generated row function: export, flow, key, egress, and those of the latency and process blocks.
@@ -56,8 +56,11 @@ _EXPRESSIONS = {
     "DST_PROC_UID": "(proc.uid if proc is not None and not egress else {default})",
     "SRC_PROC_CONTAINER_ID": "(container if container and egress else {default})",
     "DST_PROC_CONTAINER_ID": "(container if container and not egress else {default})",
+    "SRC_PROC_CMDLINE": "(cmdline if cmdline and egress else {default})",
+    "DST_PROC_CMDLINE": "(cmdline if cmdline and not egress else {default})",
 }
 _CONTAINER_ELEMENTS = ("SRC_PROC_CONTAINER_ID", "DST_PROC_CONTAINER_ID")
+_CMDLINE_ELEMENTS = ("SRC_PROC_CMDLINE", "DST_PROC_CMDLINE")
 # Half the smoothed RTT goes to the side that is not local (see bridge.records); which side
 # is the client is bridge.records.local_is_client, inlined.
 _LATENCY_BLOCK = """\
@@ -85,7 +88,11 @@ Layout = Sequence[tuple[str, object]]  # (record key, default) in row order
 
 
 def _row_expression(
-    layout: Layout, family: int, namespace: dict[str, object], containers: bool
+    layout: Layout,
+    family: int,
+    namespace: dict[str, object],
+    containers: bool,
+    command_lines: bool = False,
 ) -> str:
     """The tuple expression of one family's row."""
     values = []
@@ -98,6 +105,8 @@ def _row_expression(
         expression = _EXPRESSIONS.get(name, "{default}")
         if name in _CONTAINER_ELEMENTS and not containers:
             expression = "{default}"
+        elif name in _CMDLINE_ELEMENTS and not command_lines:
+            expression = "{default}"  # not asked for: /proc is never read
         elif name == "ipVersion":
             expression = str(family)
         values.append(expression.format(default=constant))
@@ -108,6 +117,7 @@ def compile_rows(
     layouts: dict[int, Layout],
     ephemeral: tuple[int, int],
     container_ids: ContainerIds | None = None,
+    command_lines: CommandLines | None = None,
 ) -> Callable:
     """One function exports -> (IPv4 rows, IPv6 rows) for a session's layouts
     (ExportSession.row_layout), generated once: a single loop in which a row costs one tuple,
@@ -118,10 +128,12 @@ def compile_rows(
         "low": ephemeral[0],
         "high": ephemeral[1],
         "container_ids": container_ids,
+        "command_lines": command_lines,
     }
     containers = container_ids is not None
-    v4 = _row_expression(layouts.get(4, ()), 4, namespace, containers)
-    v6 = _row_expression(layouts.get(6, ()), 6, namespace, containers)
+    cmdlines = command_lines is not None
+    v4 = _row_expression(layouts.get(4, ()), 4, namespace, containers, cmdlines)
+    v6 = _row_expression(layouts.get(6, ()), 6, namespace, containers, cmdlines)
     both = v4 + v6
     lines = [
         "def rows(exports):",
@@ -138,10 +150,12 @@ def compile_rows(
         block.append("egress = key.direction == 1")
     if " if rtt " in both:
         block += textwrap.dedent(_LATENCY_BLOCK).splitlines()
-    if "proc is not None" in both or "container" in both:
+    if "proc is not None" in both or "container" in both or "cmdline" in both:
         block.append("proc = flow.process")
     if "container" in both:
         block.append("container = container_ids(proc.cgroup_id) if proc is not None else ''")
+    if "cmdline" in both:
+        block.append("cmdline = command_lines(proc.pid, proc.comm) if proc is not None else ''")
     lines += [f"        {line}" for line in block]
     lines += [
         "        if len(key.src_addr) == 4:",
@@ -170,14 +184,19 @@ class RowBuilder:
         biflow: bool = False,
         ephemeral: tuple[int, int] | None = None,
         container_ids: ContainerIds | None = None,
+        command_lines: CommandLines | None = None,
     ) -> None:
         ephemeral = ephemeral or ephemeral_port_range()
         self.biflow = biflow
         self.layouts = layouts
         self._records = RecordBuilder(
-            fields, biflow=biflow, ephemeral=ephemeral, container_ids=container_ids
+            fields,
+            biflow=biflow,
+            ephemeral=ephemeral,
+            container_ids=container_ids,
+            command_lines=command_lines,
         )
-        self._rows = compile_rows(layouts, ephemeral, container_ids)
+        self._rows = compile_rows(layouts, ephemeral, container_ids, command_lines)
         self._from_dict = {f: _from_dict(layout) for f, layout in layouts.items() if layout}
 
     def build(self, exports: Sequence[Export]) -> list[tuple[int, list]]:

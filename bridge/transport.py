@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bridge.addresses import format_hostport, resolve
+from bridge.config import CollectorConfig
 from bridge.errors import UserError
 from bridge.ratelimit import RateLimitedLog
 
@@ -37,7 +38,8 @@ class TransportStats:
     messages_dropped: int = 0  # given up on: never sent, and counted here
     bytes_dropped: int = 0
     records_dropped: int = 0  # data records inside the dropped messages
-    connects: int = 0  # TCP connections established
+    connects: int = 0  # TCP connections established (TLS: handshake done)
+    tls_failures: int = 0  # TLS handshakes failed or refused (verification, alerts)
 
 
 class Transport:
@@ -191,6 +193,10 @@ class TcpTransport(Transport):
     def backlog_bytes(self) -> int:
         return self._queued_bytes - self._head_offset
 
+    def waiting(self) -> list[bytes]:
+        """The queued messages, oldest first: on a new connection they follow `on_connect`'s."""
+        return [message for message, _records in self._queue]
+
     def send(self, message: bytes, records: int = 0) -> bool:
         self._queue.append((message, records))
         self._queued_bytes += len(message)
@@ -199,8 +205,8 @@ class TcpTransport(Transport):
         return not dropped_own
 
     def flush(self, timeout: float = 0.0) -> None:
-        if self._connected and self._peer_closed():
-            self._disconnect(None)
+        if self._connected:
+            self._check_peer()
         self._pump(timeout)
 
     def _bound(self) -> bool:
@@ -256,7 +262,7 @@ class TcpTransport(Transport):
         self._connect_started = self._clock()
         code = sock.connect_ex(self.address)
         if code == 0:
-            self._established()
+            self._tcp_connected()
         elif code not in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
             self._disconnect(OSError(code, os.strerror(code)))
 
@@ -266,11 +272,15 @@ class TcpTransport(Transport):
         if writable:
             code = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code == 0:
-                self._established()
+                self._tcp_connected()
             else:
                 self._disconnect(OSError(code, os.strerror(code)))
         elif self._clock() - self._connect_started > self._connect_timeout:
             self._disconnect(OSError(errno.ETIMEDOUT, "connect timed out"))
+
+    def _tcp_connected(self) -> None:
+        """The TCP handshake is done; TLS starts its own handshake here."""
+        self._established()
 
     def _established(self) -> None:
         self._connected = True
@@ -284,17 +294,23 @@ class TcpTransport(Transport):
         if not self._log.resolved("down", f"collector {self.label}: connected"):
             log.info("collector %s: connected", self.label)
 
-    def _write(self) -> None:
+    def _send_some(self, data: memoryview) -> int | None:
+        """Bytes the socket took, None when it would block."""
         assert self.socket is not None
-        send = self.socket.send
+        try:
+            return self.socket.send(data, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return None
+
+    def _write(self) -> None:
         while self._queue:
             message, _records = self._queue[0]
             try:
-                written = send(memoryview(message)[self._head_offset :], socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                return
+                written = self._send_some(memoryview(message)[self._head_offset :])
             except OSError as exc:
                 self._disconnect(exc)
+                return
+            if written is None:
                 return
             self._head_offset += written
             if self._head_offset < len(message):
@@ -304,6 +320,10 @@ class TcpTransport(Transport):
             self._head_offset = 0
             self.stats.messages_sent += 1
             self.stats.bytes_sent += len(message)
+
+    def _check_peer(self) -> None:
+        if self._peer_closed():
+            self._disconnect(None)
 
     def _peer_closed(self) -> bool:
         """Collectors never talk back, so readable means EOF or a reset: reconnect now rather
@@ -319,7 +339,8 @@ class TcpTransport(Transport):
         except OSError:
             return True
 
-    def _disconnect(self, exc: OSError | None) -> None:
+    def _drop_connection(self) -> bool:
+        """Closes the socket; returns whether the connection had been established."""
         if self.socket is not None:
             self.socket.close()
         self.socket = None
@@ -327,6 +348,10 @@ class TcpTransport(Transport):
         self._connected = False
         # A partly written message is resent whole on the next connection.
         self._head_offset = 0
+        return was_connected
+
+    def _disconnect(self, exc: OSError | None) -> None:
+        was_connected = self._drop_connection()
         if isinstance(exc, ConnectionRefusedError) or (exc and exc.errno == errno.ECONNREFUSED):
             self.stats.refused += 1
         else:
@@ -355,19 +380,30 @@ class TcpTransport(Transport):
             log.warning("collector %s: %d message(s) never sent at shutdown", self.label, lost)
             self._queue.clear()
             self._queued_bytes = 0
-        if self.socket is not None:
-            self.socket.close()
-            self.socket = None
-        self._connected = False
+        self._drop_connection()
 
 
 def open_transport(
     kind: str, host: str, port: int, source: str | None = None, **tcp_options: object
 ) -> Transport:
-    """One long-lived sender to host:port. `kind` is "udp" or "tcp"; an IPv6 host may be given
-    with or without brackets. Bad addresses raise UserError."""
+    """One long-lived sender to host:port. `kind` is "udp", "tcp" or "tls" (which needs a
+    `context`, see bridge.tls); an IPv6 host may be given with or without brackets. Bad addresses
+    raise UserError."""
     if kind == "udp":
         return UdpTransport(host, port, source)
     if kind == "tcp":
         return TcpTransport(host, port, source, **tcp_options)  # type: ignore[arg-type]
-    raise UserError(f"transport {kind!r}: expected 'udp' or 'tcp'")
+    if kind == "tls":
+        from bridge.tls import TlsTransport  # ssl is loaded only by agents that use it
+
+        return TlsTransport(host, port, source, **tcp_options)  # type: ignore[arg-type]
+    raise UserError(f"transport {kind!r}: expected 'udp', 'tcp' or 'tls'")
+
+
+def open_collector_transport(config: CollectorConfig) -> Transport:
+    """The transport a collector's configuration asks for, TLS settings included."""
+    if config.transport == "tls":
+        from bridge.tls import open_tls_transport
+
+        return open_tls_transport(config)
+    return open_transport(config.transport, config.host, config.port, config.source)

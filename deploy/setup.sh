@@ -11,7 +11,7 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 agent_pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2)
-test_pkgs=(nfdump pmacct tshark softflowd nginx wrk tcpdump ethtool iputils-ping socat)
+test_pkgs=(nfdump pmacct tshark softflowd nginx wrk tcpdump ethtool iputils-ping socat openssl)
 
 missing=()
 for p in "${agent_pkgs[@]}" $([ $want_test = 1 ] && echo "${test_pkgs[@]}"); do

@@ -156,8 +156,6 @@ struct retired {
 #define CTR_EXCLUDED_PACKETS 6
 #define N_COUNTERS 8
 
-#define CFG_EXCLUSIONS 0
-
 BPF_HASH(flows, struct flow_key, struct flow_val, MAX_FLOWS);
 BPF_HASH(socks, __u64, struct sock_info, MAX_SOCKS);
 BPF_HASH(ports, struct port_key, __u64, MAX_SOCKS);
@@ -165,7 +163,10 @@ BPF_HASH(excluded, struct port_key, __u8, 4096);
 BPF_HASH(watched, __u64, __u64, MAX_SOCKS);
 BPF_TABLE("lru_hash", struct frag_key, struct frag_ports, frags, 4096);
 BPF_PERCPU_ARRAY(counters, __u64, N_COUNTERS);
-BPF_ARRAY(config, __u64, 4);
+// One bit per port number: set when a socket on that port (in any namespace, of either
+// protocol) is excluded. Checking it is an inlined array access, so packets of the countless
+// ports nobody excluded skip the `excluded` hash lookups (two per packet on lo).
+BPF_ARRAY(excluded_ports, __u64, 1024);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 // Events are submitted with BPF_RB_NO_WAKEUP: the agent drains the ring every poll anyway, and a
 // wakeup per event made each poll return at once under connection churn (one full map read
@@ -191,11 +192,26 @@ struct pkt {
     __u8 has_l4;
 };
 
+// Headers in place when they lie in the skb's linear area (direct packet access: no helper
+// call, no copy), else copied to buf by bpf_skb_load_bytes. NULL if the packet is too short.
+#define MAX_PEEK_OFFSET 512
+static __always_inline const __u8 *peek(struct __sk_buff *skb, __u32 off, __u32 len, __u8 *buf)
+{
+    const __u8 *data = (const __u8 *)(long)skb->data;
+    const __u8 *end = (const __u8 *)(long)skb->data_end;
+    if (off <= MAX_PEEK_OFFSET && data + off + len <= end)
+        return data + off;
+    if (bpf_skb_load_bytes(skb, off, buf, len) < 0)
+        return 0;
+    return buf;
+}
+
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto, struct pkt *p)
 {
-    __u8 b[20];
+    __u8 buf[20];
+    const __u8 *b;
     if (proto == PROTO_TCP) {
-        if (bpf_skb_load_bytes(skb, off, b, 20) < 0)
+        if (!(b = peek(skb, off, 20, buf)))
             return -1;
         p->key.sport = ((__u16)b[0] << 8) | b[1];
         p->key.dport = ((__u16)b[2] << 8) | b[3];
@@ -204,14 +220,14 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto
         p->hdr_len += (b[12] >> 4) * 4;
         p->has_l4 = 1;
     } else if (proto == PROTO_UDP || proto == PROTO_UDPLITE) {
-        if (bpf_skb_load_bytes(skb, off, b, 4) < 0)
+        if (!(b = peek(skb, off, 4, buf)))
             return -1;
         p->key.sport = ((__u16)b[0] << 8) | b[1];
         p->key.dport = ((__u16)b[2] << 8) | b[3];
         p->hdr_len += 8;
         p->has_l4 = 1;
     } else if (proto == PROTO_ICMP || proto == PROTO_ICMPV6) {
-        if (bpf_skb_load_bytes(skb, off, b, 2) < 0)
+        if (!(b = peek(skb, off, 2, buf)))
             return -1;
         p->key.dport = ((__u16)b[0] << 8) | b[1];
         p->hdr_len += 8;
@@ -246,8 +262,9 @@ static __always_inline void frag_ports(struct pkt *p, __u32 id, int first)
 
 static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 l3, struct pkt *p)
 {
-    __u8 h[20];
-    if (bpf_skb_load_bytes(skb, l3, h, 20) < 0)
+    __u8 buf[20];
+    const __u8 *h = peek(skb, l3, 20, buf);
+    if (!h)
         return -1;
     __u32 ihl = (h[0] & 0x0f) * 4;
     if ((h[0] >> 4) != 4 || ihl < 20)
@@ -270,8 +287,9 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 l3, struct pk
 
 static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 l3, struct pkt *p)
 {
-    __u8 h[40];
-    if (bpf_skb_load_bytes(skb, l3, h, 40) < 0)
+    __u8 buf[40];
+    const __u8 *h = peek(skb, l3, 40, buf);
+    if (!h)
         return -1;
     if ((h[0] >> 4) != 6)
         return -1;
@@ -311,16 +329,20 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 l3, struct pk
     return 0;
 }
 
-static __always_inline int is_excluded(struct pkt *p, __u8 direction)
+// port: the local socket's port as seen from this packet (source when sent, destination when
+// received).
+static __always_inline int is_excluded(struct pkt *p, __u16 port)
 {
-    __u32 k = CFG_EXCLUSIONS;
-    __u64 *on = config.lookup(&k);
-    if (!on || !*on || !p->has_l4 || p->key.proto == PROTO_ICMP || p->key.proto == PROTO_ICMPV6)
+    if (!p->has_l4 || p->key.proto == PROTO_ICMP || p->key.proto == PROTO_ICMPV6)
+        return 0;
+    __u32 word = port >> 6;
+    __u64 *bits = excluded_ports.lookup(&word);
+    if (!bits || !(*bits & (1ULL << (port & 63))))
         return 0;
     struct port_key pk = {};
     pk.netns = p->key.netns;
     pk.proto = p->key.proto;
-    pk.port = direction == DIR_EGRESS ? p->key.sport : p->key.dport;
+    pk.port = port;
     return excluded.lookup(&pk) != 0;
 }
 
@@ -385,8 +407,11 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, __u8 d
     if (sk) {
         sk = bpf_sk_fullsock(sk);
         if (sk) {
-            v->cookie = fb_socket_cookie(skb);
-            v->cgroup_id = bpf_skb_cgroup_id(skb);
+            __u64 cookie = fb_socket_cookie(skb);
+            if (v->cookie != cookie) {  // the cgroup is the socket's: read once per socket
+                v->cookie = cookie;
+                v->cgroup_id = bpf_skb_cgroup_id(skb);
+            }
             v->state = sk->state;
             struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
             if (tp) {
@@ -436,7 +461,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 l3, __u8 directio
         count(CTR_TRUNCATED);
         return TCX_NEXT_;
     }
-    if (is_excluded(&p, direction) || (loopback && is_excluded(&p, DIR_INGRESS))) {
+    __u16 local_port = direction == DIR_EGRESS ? p.key.sport : p.key.dport;
+    if (is_excluded(&p, local_port) || (loopback && is_excluded(&p, p.key.dport))) {
         count(CTR_EXCLUDED_PACKETS);
         return TCX_NEXT_;
     }

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ebpf import bpfsys, netns
+from ebpf.errors import EbpfUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +70,41 @@ class InterfaceAttacher:
         self.cookie_to_inode: dict[int, int] = {}
         self.attach_errors = 0
         self.last_error = ""
+        self.frozen = False
         self._lock = threading.Lock()
 
     def sync(self) -> None:
-        """Attach to namespaces and interfaces that appeared; forget those that went away."""
+        """Attach to namespaces and interfaces that appeared; forget those that went away.
+
+        Raises EbpfUnavailable when no namespace at all could be entered: counting nothing
+        while looking healthy is worse than failing."""
         with self._lock:
+            if self.frozen:
+                return
             seen = netns.discover()
             for inode in list(self.namespaces):
                 if inode not in seen:
                     self._forget(self.namespaces.pop(inode))
+            failures = []
             for ns in seen.values():
                 try:
                     netns.run_in(ns, lambda ns=ns: self._sync_here(ns))
                 except OSError as exc:
                     # The namespace disappeared while we looked, or is not ours to enter.
                     log.debug("netns %s: %s", ns.path, exc)
+                    failures.append(exc)
+            if failures and not self.namespaces:
+                raise EbpfUnavailable(
+                    f"could not enter any of {len(seen)} network namespaces to attach the "
+                    f"counting programs (first error: {failures[0]}); the agent needs "
+                    "CAP_SYS_ADMIN and CAP_SYS_PTRACE or root"
+                )
+
+    def freeze(self) -> None:
+        """No more discovery: what is attached stays attached, nothing is added or removed
+        (after a privilege drop a scan would see too little and detach the rest)."""
+        with self._lock:
+            self.frozen = True
 
     def _sync_here(self, ns: netns.Namespace) -> None:
         state = self.namespaces.get(ns.inode)

@@ -23,6 +23,7 @@ PORT_KEY = struct.Struct("<QHB5x")
 # struct event header, then a struct sock_info
 EVENT = struct.Struct("<IIQQ16s16sHHBB2x")
 U64 = struct.Struct("<Q")
+U32 = struct.Struct("<I")
 
 EV_TCP_CLOSE = 1
 EV_TCP_DESTROY = 2

@@ -194,9 +194,12 @@ IPV6_ONLY = frozenset(
 
 # RFC 3954 has no variable-length fields: strings travel NUL-padded at a fixed length in v9.
 V9_STRING_LENGTH = 16
+# Container ids at nProbe's v9 length, 16: a prefix of the 64-digit id that docker, podman and
+# crictl accept as a unique one (`docker ps` shows 12); the full id would make the ntop profile's
+# v9 record ~85% larger, mostly NUL padding (IPFIX carries the whole id, variable-length).
 V9_STRING_LENGTHS = {
-    "SRC_PROC_CONTAINER_ID": 64,
-    "DST_PROC_CONTAINER_ID": 64,
+    "SRC_PROC_CONTAINER_ID": 16,
+    "DST_PROC_CONTAINER_ID": 16,
     "SRC_PROC_CMDLINE": 64,
     "DST_PROC_CMDLINE": 64,
     "interfaceName": 16,

@@ -7,11 +7,13 @@ collect gives the input back.
 from __future__ import annotations
 
 import ipaddress
+import math
 
 from ipfix.elements import BY_NAME, INTEGER_TYPES
 from ipfix.errors import IpfixError
 
 _ADDRESS_LENGTHS = {"ipv4Address": 4, "ipv6Address": 16}
+_NON_FINITE = ("nan", "inf", "-inf")  # how record_to_json spells floats JSON cannot hold
 _INTEGER_LIKE = INTEGER_TYPES | {"dateTimeSeconds", "dateTimeMilliseconds", "boolean"}
 
 
@@ -28,6 +30,8 @@ def record_to_json(record: dict) -> dict:
                 value = ":".join(f"{b:02x}" for b in value)
             else:
                 value = bytes(value).hex()
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = str(value)  # "nan", "inf", "-inf": JSON has no such numbers
         out[key] = value
     return out
 
@@ -78,6 +82,8 @@ def _value(key: str, kind: str, value: object) -> object:
             raise bad("a string")
         return value
     if kind.startswith("float"):
+        if value in _NON_FINITE:
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)

@@ -16,6 +16,10 @@ STATS_FIELDS = (
     "exportedFlowRecordTotalCount",
     "exportedOctetTotalCount",
     "systemInitTimeMilliseconds",
+    # Packets the kernel did not meter because its bounded flow map was full (flowbridge's own
+    # metering limit): counted here so that no packet goes missing without a trace at the
+    # collector.
+    "ignoredPacketTotalCount",
 )
 # Interface names: scope ingressInterface (the Linux ifindex), value interfaceName.
 INTERFACE_FIELDS = ("ingressInterface", "interfaceName")

@@ -5,9 +5,10 @@ A row holds the values a record dict would hold, in `template.keys` order: addre
 bytes, strings as str, times as epoch milliseconds (v9/v5 rebase them to sysUptime here). The hot
 path is `struct` work with no Python per field:
 - a template of plain numbers and bytes packs with `starmap(Struct.pack, rows)`;
-- anything else (v9/v5 relative times, strings) gets one generated function per template that
-  unpacks a row and makes one struct call per fixed-length stretch; a string is encoded once per
-  distinct value (process names repeat for every flow of a process) and looked up after that.
+- anything else (v9/v5 relative times, strings) gets one generated function per template, which
+  `starmap` calls with a row's values and which makes one struct call; a string is encoded once
+  per distinct value (process names repeat for every flow of a process) and looked up after that.
+Fixed-length records are packed one message body at a time, as the assembler fills it.
 Anything unusual (a value out of range, a wrong type, None) makes the fast path raise; the careful
 per-row path then fixes or refuses each value, so the fast path never has to check anything.
 """
@@ -17,9 +18,8 @@ from __future__ import annotations
 import struct
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
-from itertools import accumulate, repeat, starmap
+from itertools import accumulate, starmap
 from operator import itemgetter
 
 from ipfix.elements import BYTES_TYPES
@@ -126,28 +126,68 @@ class _Encoded(dict):
         return data
 
 
-@dataclass(frozen=True, slots=True)
-class PackedRecords:
-    """Data records packed back to back. Fixed-length templates: record i is at
-    i * record_length. Variable-length: `ends[i]` is where record i ends."""
+class FixedRecords:
+    """Rows of a fixed-length template, packed a message body at a time as the body is made.
+    The records of one body are joined into their message right away, so the same few
+    kilobytes serve every message instead of a batch's worth of small objects held to the end
+    (measured: 15-20% faster at 60k rows, from fewer page faults and colder caches)."""
 
-    data: bytes
-    count: int
-    record_length: int
-    ends: list[int] | None = None
+    __slots__ = ("_boot_ms", "_pack", "_packer", "record_length", "rows")
+
+    def __init__(self, packer: RecordPacker, rows: Sequence[tuple], boot_ms: int) -> None:
+        self.rows = rows
+        self.record_length = packer.record_length
+        self._packer = packer
+        self._boot_ms = boot_ms
+        self._pack = packer.bind(boot_ms)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def take(self, start: int, room: int) -> int:
         """How many records from `start` fit in `room` bytes (at most all that are left)."""
-        if self.ends is None:
-            return min(self.count - start, max(room, 0) // self.record_length)
+        return min(len(self.rows) - start, max(room, 0) // self.record_length)
+
+    def length(self, start: int, count: int) -> int:
+        """Bytes of records [start, start + count)."""
+        return count * self.record_length
+
+    def records(self, start: int, count: int) -> list[bytes]:
+        """Records [start, start + count), packed now."""
+        rows = self.rows[start : start + count]
+        try:
+            return list(starmap(self._pack, rows))
+        except _FAST_PATH_ERRORS:
+            return self._packer.pack_rows(rows, self._boot_ms)  # fixes what can be fixed
+
+
+class VariableRecords:
+    """Records of a variable-length template, packed all at once: how many fit in a message
+    depends on their lengths. `ends[i]` is where record i would end laid back to back with
+    those before it."""
+
+    __slots__ = ("ends", "packed")
+    record_length = 0
+
+    def __init__(self, packed: list[bytes]) -> None:
+        self.packed = packed
+        self.ends = list(accumulate(map(len, packed)))
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def take(self, start: int, room: int) -> int:
         offset = self.ends[start - 1] if start else 0
         return bisect_right(self.ends, offset + room, start) - start
 
-    def span(self, start: int, count: int) -> tuple[int, int]:
-        """Byte offsets of records [start, start + count)."""
-        if self.ends is None:
-            return start * self.record_length, (start + count) * self.record_length
-        return (self.ends[start - 1] if start else 0), self.ends[start + count - 1]
+    def length(self, start: int, count: int) -> int:
+        return self.ends[start + count - 1] - (self.ends[start - 1] if start else 0)
+
+    def records(self, start: int, count: int) -> list[bytes]:
+        return self.packed[start : start + count]
+
+
+Records = FixedRecords | VariableRecords
 
 
 class RecordPacker:
@@ -166,10 +206,7 @@ class RecordPacker:
             getter if len(self.keys) > 1 else (lambda r, g=getter: (g(r),))
         )
         self._one = struct.Struct(">" + "".join(map(_format_char, self.fields)))
-        self._plain = not any(
-            f.variable or f.relative_time or f.element.type == "string" for f in self.fields
-        )
-        self._pack_row = _compile(self.fields)
+        self.bind = _compile(self.fields, self._one)
 
     # -- dicts --------------------------------------------------------------------------------
 
@@ -187,25 +224,25 @@ class RecordPacker:
 
     # -- rows ---------------------------------------------------------------------------------
 
-    def pack(self, rows: Sequence[tuple], boot_ms: int = 0) -> PackedRecords:
-        """All rows, back to back. `boot_ms`: the v9/v5 virtual boot epoch (relative times)."""
-        try:
-            if self._plain:
-                records = list(starmap(self._one.pack, rows))
-            else:
-                records = list(map(self._pack_row, rows, repeat(boot_ms)))
-        except _FAST_PATH_ERRORS:
-            records = [self._pack_or_fix(row, boot_ms) for row in rows]
+    def pack(self, rows: Sequence[tuple], boot_ms: int = 0) -> Records:
+        """Rows as data records for message bodies (fixed-length ones are packed as the bodies
+        take them). `boot_ms`: the v9/v5 virtual boot epoch (relative times)."""
         if self.variable:
-            ends = list(accumulate(map(len, records)))
-            return PackedRecords(b"".join(records), len(records), 0, ends)
-        return PackedRecords(b"".join(records), len(records), self.record_length)
+            return VariableRecords(self.pack_rows(rows, boot_ms))
+        return FixedRecords(self, rows, boot_ms)
 
-    def _pack_or_fix(self, row: tuple, boot_ms: int) -> bytes:
+    def pack_rows(self, rows: Sequence[tuple], boot_ms: int = 0) -> list[bytes]:
+        """Each row's record, in order: the fast path, or the careful one for every row of a
+        batch the fast path refused (one bad value makes that batch slower, never wrong)."""
+        pack = self.bind(boot_ms)
         try:
-            if self._plain:
-                return self._one.pack(*row)
-            return self._pack_row(row, boot_ms)
+            return list(starmap(pack, rows))
+        except _FAST_PATH_ERRORS:
+            return [self._pack_or_fix(pack, row, boot_ms) for row in rows]
+
+    def _pack_or_fix(self, pack: Callable[..., bytes], row: tuple, boot_ms: int) -> bytes:
+        try:
+            return pack(*row)
         except _FAST_PATH_ERRORS:
             return self.pack_careful(row, boot_ms)
 
@@ -231,14 +268,20 @@ class RecordPacker:
         return b"".join(parts)
 
 
-def _compile(fields: tuple[TemplateField, ...]) -> Callable[[tuple, int], bytes]:
-    """A function (row, boot_ms) -> record bytes for this template, generated once: it unpacks
-    the row into locals and makes a single struct call. Fixed-length strings come from a cache of
-    their encoded form. Variable-length fields (IPFIX) make the record's layout depend on their
-    lengths: the tuple of their values picks, from a cache, a Struct with each one's encoded
-    bytes (length prefix included) as a fixed "Ns" field, and those bytes. Relative times
-    subtract the boot epoch."""
-    namespace: dict[str, object] = {}
+def _compile(
+    fields: tuple[TemplateField, ...], one: struct.Struct
+) -> Callable[[int], Callable[..., bytes]]:
+    """For a template: boot_ms -> a function of one row's values (as `starmap` passes them) to
+    the record's bytes. Plain numbers and bytes need no Python at all: the Struct's own pack.
+    Otherwise a function is generated once per template, and bound to the boot epoch per batch,
+    that makes a single struct call: fixed-length strings come from a cache of their encoded
+    form; relative times subtract the boot epoch; variable-length fields (IPFIX) make the
+    layout depend on their lengths, so the tuple of their values picks, from a cache, a Struct
+    with each one's encoded bytes (length prefix included) as a fixed "Ns" field, and those
+    bytes."""
+    if not any(f.variable or f.relative_time or f.element.type == "string" for f in fields):
+        return lambda boot_ms: one.pack
+    namespace: dict[str, object] = {"pack": one.pack}
     arguments = []
     variable = [i for i, f in enumerate(fields) if f.variable]
     for i, f in enumerate(fields):
@@ -251,19 +294,18 @@ def _compile(fields: tuple[TemplateField, ...]) -> Callable[[tuple, int], bytes]
         elif f.relative_time:
             value = f"{value} - boot_ms"
         arguments.append(value)
-    unpack = ", ".join(f"a{i}" for i in range(len(fields)))
-    lines = ["def pack_row(row, boot_ms):", f"    ({unpack},) = row"]
+    parameters = ", ".join(f"a{i}" for i in range(len(fields)))
+    lines = ["def bind(boot_ms):", f"    def pack_row({parameters}):"]
     if variable:
         namespace["layouts"] = _Encoded(partial(_variable_layout, fields, variable))
         chosen = ", ".join(f"v{i}" for i in variable)
         by = ", ".join(f"a{i}" for i in variable)
-        lines.append(f"    pack, {chosen} = layouts[{by},]")
-    else:
-        namespace["pack"] = struct.Struct(">" + "".join(map(_format_char, fields))).pack
-    lines.append(f"    return pack({', '.join(arguments)})")
+        lines.append(f"        pack, {chosen} = layouts[{by},]")
+    lines.append(f"        return pack({', '.join(arguments)})")
+    lines.append("    return pack_row")
     source = "\n".join(lines) + "\n"
     exec(compile(source, f"<packer of {len(fields)} fields>", "exec"), namespace)
-    return namespace["pack_row"]  # type: ignore[return-value]
+    return namespace["bind"]  # type: ignore[return-value]
 
 
 def _variable_layout(

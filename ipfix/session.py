@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from itertools import repeat
+from itertools import chain, islice, repeat
 from operator import contains, itemgetter
 
 from ipfix.assembler import data_bodies
@@ -217,16 +217,26 @@ class ExportSession:
         assert not isinstance(encoder, V5Encoder)
         boot_ms = (encoder.uptime.boot_ms or 0) if isinstance(encoder, V9Encoder) else 0
         packed = [(p.template.template_id, p.pack(rows, boot_ms)) for p, rows in runs if rows]
-        messages: list[bytes] = []
-        sent = 0
+        sent = sum(len(p) for _, p in packed)
         max_body = self.max_message_size - encoder.header_length
-        wrap = encoder.wrap_parts
-        for parts, length, count in data_bodies(packed, max_body, encoder.align):
-            if self._templates_due(now):
-                messages += self._templates(header_ms, now)
-            messages.append(wrap(parts, length, count, header_ms))
-            self._messages_since_templates += 1
-            sent += count
+        bodies = data_bodies(packed, max_body, encoder.align)
+        messages: list[bytes] = []
+        # Records are packed as their bodies are made, so a value that cannot be encoded stops
+        # the batch midway: then no message of it was ever made (sequence numbers included).
+        before = (encoder.sequence, self._last_templates, self._messages_since_templates)
+        try:
+            # Templates go before the first message when due, and then as often as the refresh
+            # asks; the messages in between are wrapped in one call.
+            for first in bodies:
+                if self._templates_due(now):
+                    messages += self._templates(header_ms, now)
+                room = self.template_refresh_packets - self._messages_since_templates
+                data = encoder.wrap_bodies(chain((first,), islice(bodies, room - 1)), header_ms)
+                messages += data
+                self._messages_since_templates += len(data)
+        except IpfixError:
+            encoder.sequence, self._last_templates, self._messages_since_templates = before
+            raise
         return self._count(messages, sent)
 
     def template_messages(self) -> list[bytes]:

@@ -58,12 +58,15 @@ class V5Encoder:
         self.sequence = 0  # flows sent before this packet
 
     def packets(self, rows: Sequence[tuple], header_ms: int) -> list[bytes]:
-        """The packets for rows of the v5 template; `uptime` has been stamped for them."""
+        """The packets for rows of the v5 template; `uptime` has been stamped for them. Records
+        are packed a packet at a time: a value that cannot be encoded raises before the sequence
+        number has counted any packet of the batch."""
         boot_ms = self.uptime.boot_ms
         assert boot_ms is not None
         uptime = header_ms - boot_ms
         secs, msecs = divmod(header_ms, 1000)
-        data = self.packer.pack(rows, boot_ms).data
+        packed = self.packer.pack(rows, boot_ms)
+        sequence = self.sequence
         packets = []
         for start in range(0, len(rows), MAX_RECORDS):
             count = min(MAX_RECORDS, len(rows) - start)
@@ -73,12 +76,12 @@ class V5Encoder:
                 uptime,
                 secs,
                 msecs * 1_000_000,
-                self.sequence,
+                sequence,
                 self.engine_type,
                 self.engine_id,
                 0,  # sampling_interval 0: unsampled
             )
-            offset = start * RECORD_LENGTH
-            packets.append(header + data[offset : offset + count * RECORD_LENGTH])
-            self.sequence = (self.sequence + count) % SEQUENCE_MODULO
+            packets.append(b"".join([header, *packed.records(start, count)]))
+            sequence = (sequence + count) % SEQUENCE_MODULO
+        self.sequence = sequence
         return packets

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
-from ipfix.assembler import make_set
+from ipfix.assembler import Body, make_set
 from ipfix.elements import BY_NAME
 from ipfix.options import (
     STATS_FIELDS,
@@ -55,22 +56,25 @@ class V9Encoder:
         self._interfaces = RecordPacker(_v9_options_template(interface, ("interfaceName",), taken))
 
     def _packet(self, body: bytes, count: int, header_ms: int) -> bytes:
+        return self.wrap_bodies([([b"", body], len(body), count)], header_ms)[0]
+
+    def wrap_bodies(self, bodies: Iterable[Body], header_ms: int) -> list[bytes]:
+        """One packet per body from `data_bodies` (parts consumed), in sequence; v9's header
+        holds the count of records, not the length."""
         # One clock reading: unix_secs is header_ms in whole seconds (header_ms is rounded up to
         # one), and sysUptime is the same instant measured from the virtual boot.
-        assert self.uptime.boot_ms is not None
-        uptime = header_ms - self.uptime.boot_ms
-        header = HEADER.pack(
-            VERSION, count, uptime, header_ms // 1000, self.sequence, self.domain_id
-        )
-        self.sequence = (self.sequence + 1) % SEQUENCE_MODULO
-        return header + body
-
-    def wrap(self, body: bytes, records: int, header_ms: int) -> bytes:
-        return self._packet(body, records, header_ms)
-
-    def wrap_parts(self, parts: list[bytes], length: int, records: int, header_ms: int) -> bytes:
-        """A packet of a body given as parts (consumed); v9's header does not hold the length."""
-        return self._packet(b"".join(parts), records, header_ms)
+        boot_ms = self.uptime.boot_ms
+        assert boot_ms is not None
+        pack_header, join = HEADER.pack, b"".join
+        uptime, seconds = header_ms - boot_ms, header_ms // 1000
+        sequence, source_id = self.sequence, self.domain_id
+        packets = []
+        for parts, _, records in bodies:
+            parts[0] = pack_header(VERSION, records, uptime, seconds, sequence, source_id)
+            sequence = (sequence + 1) % SEQUENCE_MODULO
+            packets.append(join(parts))
+        self.sequence = sequence
+        return packets
 
     def template_messages(self, header_ms: int) -> list[bytes]:
         if self.uptime.boot_ms is None:

@@ -22,8 +22,11 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def open_source(spec: str, cgroup: str | None):  # type: ignore[no-untyped-def]
-    """The observation source: the eBPF collector, or `replay:FILE` (JSON lines, for tests)."""
+def open_source(  # type: ignore[no-untyped-def]
+    spec: str, cgroup: str | None, max_flows: int = 65536
+):
+    """The observation source: the eBPF collector (its kernel flow map holds `max_flows`), or
+    `replay:FILE` (JSON lines, for tests)."""
     if spec.startswith("replay:"):
         from bridge.synthetic import ReplaySource
 
@@ -36,7 +39,7 @@ def open_source(spec: str, cgroup: str | None):  # type: ignore[no-untyped-def]
     except ImportError as exc:
         raise UserError(f"the eBPF collector is not available in this build ({exc})") from None
     try:
-        return FlowCollector(cgroup=cgroup) if cgroup else FlowCollector()
+        return FlowCollector(cgroup=cgroup, max_flows=max_flows)
     except EbpfUnavailable as exc:
         raise UserError(f"eBPF unavailable: {exc} (see `flowbridge doctor`)") from None
 
@@ -62,7 +65,13 @@ def _number(text: str | None, flag: str, kind: type = float) -> float | int | No
 )
 @click.option("--protocol", help="ipfix (default), v9 or v5.")
 @click.option("--profile", help="Export profile: standard, ntop, nfdump-latency, v5 or a path.")
-@click.option("--transport", help="udp (default) or tcp.")
+@click.option("--transport", help="udp (default), tcp or tls (IPFIX over TLS).")
+@click.option("--tls-ca", metavar="FILE", help="tls: the collector's CA (default: system store).")
+@click.option("--tls-cert", metavar="FILE", help="tls: client certificate, if the collector asks.")
+@click.option("--tls-key", metavar="FILE", help="tls: the client certificate's private key.")
+@click.option(
+    "--tls-server-name", metavar="NAME", help="tls: name to verify (default: the collector host)."
+)
 @click.option("--source-address", metavar="ADDR", help="Source address of the export socket.")
 @click.option("--active-timeout", metavar="SECONDS", help="Export long flows this often (60).")
 @click.option("--idle-timeout", metavar="SECONDS", help="End flows idle this long (15).")
@@ -74,8 +83,18 @@ def _number(text: str | None, flag: str, kind: type = float) -> float | int | No
 @click.option("--template-refresh", metavar="SECONDS", help="Resend templates this often (30).")
 @click.option("--template-refresh-packets", metavar="N", help="...and every N messages (20).")
 @click.option("--cgroup", metavar="PATH", help="Watch only this cgroup-v2 subtree.")
-@click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here.")
+@click.option(
+    "--metrics",
+    metavar="[HOST:]PORT",
+    help="Serve Prometheus metrics; a bare port listens on 127.0.0.1 only.",
+)
 @click.option("--biflow/--no-biflow", default=None, help="RFC 5103 biflow records (IPFIX).")
+@click.option(
+    "--export-command-lines",
+    is_flag=True,
+    default=None,
+    help="Allow profiles that export process command lines (they can hold secrets).",
+)
 @click.option(
     "--log-level",
     default="info",
@@ -96,6 +115,10 @@ def run(
     protocol: str | None,
     profile: str | None,
     transport: str | None,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_server_name: str | None,
     source_address: str | None,
     active_timeout: str | None,
     idle_timeout: str | None,
@@ -107,6 +130,7 @@ def run(
     cgroup: str | None,
     metrics: str | None,
     biflow: bool | None,
+    export_command_lines: bool | None,
     log_level: str,
     state_socket: str | None,
     run_as: str | None,
@@ -122,7 +146,8 @@ def run(
       sudo flowbridge run                                  # print flows here
       sudo flowbridge run --collector 10.0.0.5:4739 --profile ntop
       sudo flowbridge run --collector 10.0.0.5:2055 --protocol v9 --user nobody
-      sudo flowbridge run --config /etc/flowbridge/flowbridge.toml --metrics 127.0.0.1:9465
+      sudo flowbridge run --config /etc/flowbridge/flowbridge.toml --metrics 9465
+      sudo flowbridge run --collector 10.0.0.5:4740 --transport tls --tls-ca ca.pem
     """
     _configure_logging(log_level)
     overrides = Overrides(
@@ -135,11 +160,16 @@ def run(
             "cgroup": cgroup,
             "metrics": metrics,
             "biflow": biflow,
+            "export_command_lines": export_command_lines,
         },
         collector={
             "protocol": protocol,
             "profile": profile,
             "transport": transport,
+            "tls_ca": tls_ca,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "tls_server_name": tls_server_name,
             "source": source_address,
             "max_message_size": _number(max_message_size, "--max-message-size", int),
             "template_refresh": _number(template_refresh, "--template-refresh"),
@@ -163,7 +193,7 @@ def run(
     if state_path is None and source_spec == "ebpf":
         state_path = state.DEFAULT_PATH
     # -- end of operator hooks --
-    source = open_source(source_spec, config.cgroup)
+    source = open_source(source_spec, config.cgroup, config.kernel_max_flows)
     table = None
     if state_path:
         source, table = state.tee_source(source, config.idle_timeout)

@@ -91,6 +91,33 @@ def test_flags_override_the_file(tmp_path):
         ('[[collector]]\nprotocol = "v9"\n', ":1: collector #1: 'address' (HOST:PORT) is missing"),
         ('[[collector]]\naddress = "h:1"\nport = 3\n', ":3: collector #1: unknown key 'port'"),
         ("idle_timeout = 90\n", "idle timeout 90s is longer than the active timeout 60s"),
+        ("active_timeout = nan\n", ":1: 'active_timeout' must be a positive number of seconds"),
+        ("active_timeout = inf\n", ":1: 'active_timeout' must be at most 604800 seconds"),
+        ("options_interval = 1e9\n", ":1: 'options_interval' must be at most 604800 seconds"),
+        ("max_flows = 100_000_000\n", ":1: 'max_flows' must be at most 16777216"),
+        (
+            "observation_domain_id = 4294967296\n",
+            ":1: 'observation_domain_id' must be 1..4294967295",
+        ),
+        ('cgroup = "/nonexistent/cg"\n', ":1: 'cgroup' /nonexistent/cg: no such directory"),
+        ("export_command_lines = 1\n", ":1: 'export_command_lines' must be true or false"),
+        ("metrics = 0\n", ":1: metrics '127.0.0.1:0': port 0 is outside 1-65535"),
+        (
+            '[[collector]]\naddress = "h:1"\nsource = "eth0"\n',
+            ":3: collector #1: 'source' 'eth0' is not an IP address",
+        ),
+        (
+            '[[collector]]\naddress = "h:1"\ntransport = "tls"\ntls_key = "/nonexistent.key"\n',
+            ":4: collector #1: 'tls_key' /nonexistent.key: cannot read: No such file or directory",
+        ),
+        (
+            '[[collector]]\naddress = "h:1"\nmax_message_size = 65535\n',
+            ": collector #1: 'max_message_size' 65535 does not fit a UDP datagram (at most 65507)",
+        ),
+        (
+            '[[collector]]\naddress = "h:1"\ntransport = "tcp"\ntls_server_name = "h"\n',
+            ": collector #1: 'tls_server_name' is a TLS setting, but transport is 'tcp'",
+        ),
     ],
 )
 def test_file_errors_name_file_line_and_key(tmp_path, text, message):
@@ -118,3 +145,21 @@ def test_observation_domain_id_is_stable_and_not_zero():
     first = default_observation_domain_id()
     assert first == default_observation_domain_id()
     assert 0 < first < 1 << 31
+
+
+def test_limits_that_depend_on_the_transport_and_flags():
+    # 65535 is the IPFIX length field's limit: fine over TCP, never deliverable over UDP
+    config = build_config(
+        None,
+        Overrides(
+            collectors=("127.0.0.1:1",),
+            collector={"transport": "tcp", "max_message_size": 65535},
+            agent={"metrics": "9465"},
+        ),
+    )
+    assert config.collectors[0].max_message_size == 65535
+    assert config.metrics == "127.0.0.1:9465"  # a bare port: loopback only
+    with pytest.raises(UserError, match="--max-message-size: 'max_message_size' 65535 does not"):
+        build_config(
+            None, Overrides(collectors=("127.0.0.1:1",), collector={"max_message_size": 65535})
+        )

@@ -71,20 +71,10 @@ def _cgroup2_scope() -> tuple[Path, Path]:
     return slice_dir, scope
 
 
-def ntop_with_containers(directory: Path) -> str:
-    """The shipped ntop profile plus the container elements, as a profile file."""
-    text = (Path(__file__).resolve().parents[2] / "templates" / "ntop.toml").read_text()
-    text = text.replace('"DST_PROC_UID",', '"DST_PROC_UID",\n' + "".join(
-        f'    "{name}",\n' for name in ("SRC_PROC_CONTAINER_ID", "DST_PROC_CONTAINER_ID")))
-    assert "DST_PROC_CONTAINER_ID" in text
-    path = directory / "ntop-containers.toml"
-    path.write_text(text)
-    return str(path)
-
-
 @pytest.mark.parametrize("protocol", ["ipfix", "v9"])
-def test_agent_puts_the_container_on_the_local_side(protocol: str, tmp_path: Path):
-    profile = ntop_with_containers(tmp_path)
+def test_agent_puts_the_container_on_the_local_side(protocol: str):
+    """The shipped ntop profile carries it: the whole id in IPFIX (variable-length), nProbe's
+    16-character prefix in v9 (fixed-length)."""
     slice_dir, scope = _cgroup2_scope()
     sink = Sink()
     try:
@@ -92,7 +82,7 @@ def test_agent_puts_the_container_on_the_local_side(protocol: str, tmp_path: Pat
         on_host = ProcessInfo(pid=99, comm="curl", uid=0, cgroup_id=slice_dir.stat().st_ino)
         source = SyntheticSource()
         collector = CollectorConfig(host=sink.host, port=sink.port, protocol=protocol,
-                                    profile=profile)  # fmt: skip
+                                    profile="ntop")  # fmt: skip
         agent = Agent(AgentConfig(collectors=(collector,)), source, clock=FakeClock(T0 + 1000))
         served = key(45000, 80, src="10.9.0.2", dst="10.9.0.1", direction=Direction.INGRESS)
         answered = key(80, 45000, src="10.9.0.1", dst="10.9.0.2")
@@ -111,10 +101,11 @@ def test_agent_puts_the_container_on_the_local_side(protocol: str, tmp_path: Pat
         slice_dir.rmdir()
     assert sorted(records) == [80, 45000, 46000]
     ingress, egress, host = records[45000], records[80], records[46000]
-    assert ingress["DST_PROC_CONTAINER_ID"] == CONTAINER
+    exported = CONTAINER if protocol == "ipfix" else CONTAINER[:16]
+    assert ingress["DST_PROC_CONTAINER_ID"] == exported
     assert ingress["DST_PROC_NAME"] == "nginx"
     assert ingress["SRC_PROC_CONTAINER_ID"] == ""
-    assert egress["SRC_PROC_CONTAINER_ID"] == CONTAINER
+    assert egress["SRC_PROC_CONTAINER_ID"] == exported
     assert egress["DST_PROC_CONTAINER_ID"] == ""
     assert host["SRC_PROC_NAME"] == "curl"
     assert host["SRC_PROC_CONTAINER_ID"] == host["DST_PROC_CONTAINER_ID"] == ""

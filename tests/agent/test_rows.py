@@ -24,13 +24,27 @@ from .helpers import T0, FakeClock, Sink, key, obs, reverse
 EPHEMERAL = (32768, 60999)
 CASES = FORMATS
 CONTAINER_FIELDS = ("SRC_PROC_CONTAINER_ID", "DST_PROC_CONTAINER_ID")
+CMDLINE_FIELDS = ("SRC_PROC_CMDLINE", "DST_PROC_CMDLINE")
 CURL = ProcessInfo(pid=4242, comm="curl", uid=1000, cgroup_id=7)
 NGINX = ProcessInfo(pid=80, comm="nginx: worker", uid=33, cgroup_id=9)
 CONTAINERS = {9: "4f" * 32}  # nginx runs in a container, curl on the host
 
 
+COMMAND_LINES = {(4242, "curl"): "curl -s https://example.org/"}  # nginx's is unreadable: ""
+
+
 def container_ids(cgroup_id: int) -> str:
     return CONTAINERS.get(cgroup_id, "")
+
+
+def command_lines(pid: int, comm: str) -> str:
+    return COMMAND_LINES.get((pid, comm), "")
+
+
+def with_fields(profile, names):  # type: ignore[no-untyped-def]
+    """The profile plus those of `names` it does not list yet."""
+    missing = tuple(n for n in names if n not in profile.fields)
+    return replace(profile, fields=(*profile.fields, *missing))
 
 
 def variety() -> list:
@@ -69,40 +83,48 @@ def dict_rows(session: ExportSession, records: list[dict]) -> list[tuple[int, li
     return out
 
 
-@pytest.mark.parametrize("with_containers", [False, True])
+@pytest.mark.parametrize("with_process_extras", [False, True])
 @pytest.mark.parametrize(("protocol", "profile_name"), CASES)
 def test_rows_hold_what_the_dicts_hold(
-    protocol: str, profile_name: str, with_containers: bool
+    protocol: str, profile_name: str, with_process_extras: bool
 ) -> None:
     profile = load_profile(profile_name)
-    if with_containers:  # a profile that also asks for the local process's container id
-        profile = replace(profile, fields=(*profile.fields, *CONTAINER_FIELDS))
+    if with_process_extras:  # a profile that asks for the container id and the command line
+        profile = with_fields(profile, (*CONTAINER_FIELDS, *CMDLINE_FIELDS))
     session = ExportSession(protocol, profile, 1)
     layouts = {family: session.row_layout(family) for family in (4, 6)}
     exports = FlowCache().update(variety())
     assert len(exports) == 180
-    for containers in (None, container_ids):
+    for containers, cmdlines in ((None, None), (container_ids, command_lines)):
         records = RecordBuilder(
-            profile.fields, ephemeral=EPHEMERAL, container_ids=containers
+            profile.fields, ephemeral=EPHEMERAL, container_ids=containers, command_lines=cmdlines
         ).build(exports)
         rows = RowBuilder(
-            layouts, profile.fields, ephemeral=EPHEMERAL, container_ids=containers
+            layouts,
+            profile.fields,
+            ephemeral=EPHEMERAL,
+            container_ids=containers,
+            command_lines=cmdlines,
         ).build(exports)
         assert rows == dict_rows(session, records)
-        if containers is not None and with_containers:
-            # The container goes on the local side, exactly like the process name.
+        if containers is not None and with_process_extras:
+            # The container and the command line go on the local side, like the process name.
             for side, direction in (("SRC", Direction.EGRESS), ("DST", Direction.INGRESS)):
-                in_nginx = sum(e[0].process is NGINX and e[0].key.direction == direction
-                               for e in exports)  # fmt: skip
-                assert in_nginx > 0
+                local = [e[0].process for e in exports if e[0].key.direction == direction]
+                assert local.count(NGINX) > 0 and local.count(CURL) > 0
                 assert [r.get(f"{side}_PROC_CONTAINER_ID") for r in records].count(
                     "4f" * 32
-                ) == in_nginx
+                ) == local.count(NGINX)
+                assert [r.get(f"{side}_PROC_CMDLINE") for r in records].count(
+                    COMMAND_LINES[(4242, "curl")]
+                ) == local.count(CURL)
+        if cmdlines is None:
+            assert not any(k.endswith("_PROC_CMDLINE") for r in records for k in r)
 
 
 def test_biflow_rows_hold_what_the_dicts_hold() -> None:
     ntop = load_profile("ntop")
-    profile = biflow_profile(replace(ntop, fields=(*ntop.fields, *CONTAINER_FIELDS)))
+    profile = biflow_profile(with_fields(ntop, (*CONTAINER_FIELDS, *CMDLINE_FIELDS)))
     session = ExportSession("ipfix", profile, 1)
     layouts = {family: session.row_layout(family) for family in (4, 6)}
     cache = FlowCache(biflow=True)
@@ -112,13 +134,16 @@ def test_biflow_rows_hold_what_the_dicts_hold() -> None:
     cache.update([obs(reverse(o.key), 7, 1, T0, T0 + 1, process=o.process) for o in paired])
     exports = cache.flush_all()
     assert sum(e[8] is not None for e in exports) == len(paired) > 20
+    extras = {"container_ids": container_ids, "command_lines": command_lines}
     records = RecordBuilder(
-        profile.fields, biflow=True, ephemeral=EPHEMERAL, container_ids=container_ids
+        profile.fields, biflow=True, ephemeral=EPHEMERAL, **extras
     ).build(exports)
-    rows = RowBuilder(
-        layouts, profile.fields, biflow=True, ephemeral=EPHEMERAL, container_ids=container_ids
-    ).build(exports)
+    rows = RowBuilder(layouts, profile.fields, biflow=True, ephemeral=EPHEMERAL, **extras).build(
+        exports
+    )
     assert any("4f" * 32 in (r.get("SRC_PROC_CONTAINER_ID"), r.get("DST_PROC_CONTAINER_ID"))
+               for r in records)
+    assert any("curl -s" in (r.get("SRC_PROC_CMDLINE", "") + r.get("DST_PROC_CMDLINE", ""))
                for r in records)
     assert rows == dict_rows(session, records)
 

@@ -256,5 +256,6 @@ def test_bad_config_file_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"flowbridge: error: {config}:3: collector #1: 'transport' must be udp or tcp, not 'sctp'"
+        f"flowbridge: error: {config}:3: collector #1: 'transport' must be udp, tcp or tls, "
+        "not 'sctp'"
     )

@@ -77,7 +77,7 @@ def test_udp_ipv6_collector():
         ("udp", "127.0.0.1", "not-an-ip", "source address 'not-an-ip' is not an IP address"),
         ("udp", "127.0.0.1", "192.0.2.1", "cannot use source address '192.0.2.1'"),
         ("udp", "127.0.0.1", "::1", "no IPv6 address for '127.0.0.1'"),
-        ("sctp", "127.0.0.1", None, "transport 'sctp': expected 'udp' or 'tcp'"),
+        ("sctp", "127.0.0.1", None, "transport 'sctp': expected 'udp', 'tcp' or 'tls'"),
     ],
 )
 def test_bad_addresses_are_user_errors(kind, host, source, message):

@@ -24,6 +24,14 @@ IPV6_RECORDS = 40
 BATCH = 23  # records per encode() call: messages of a batch end part-full, like a live export
 TEMPLATE_REFRESH_PACKETS = 4  # small, so templates are resent mid-stream
 PROCESS_NAMES = ("curl", "nginx", "python3.11", "sshd", "a-15-char-name!", "")
+# Container ids as the agent sends them: a runtime's 64 hex digits, "" for a host process. v9
+# carries their first 16 characters (the first and third differ only after those).
+CONTAINER_IDS = (
+    "3f4e1a9c0b2d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f",
+    "",
+    "3f4e1a9c0b2d8e7f" + "0" * 48,
+    "f" * 64,
+)
 
 
 @dataclass
@@ -93,6 +101,8 @@ def make_record(rng: random.Random, stream: int, n: int, ip_version: int, now_ms
         "DST_PROC_PID": rng.randrange(0, 1 << 22),
         "DST_PROC_NAME": PROCESS_NAMES[(n + 3) % len(PROCESS_NAMES)],
         "DST_PROC_UID": rng.randrange(1 << 32),
+        "SRC_PROC_CONTAINER_ID": CONTAINER_IDS[n % len(CONTAINER_IDS)],
+        "DST_PROC_CONTAINER_ID": CONTAINER_IDS[(n + 1) % len(CONTAINER_IDS)],
         "CLIENT_NW_DELAY_SEC": rng.randrange(4),
         "CLIENT_NW_DELAY_USEC": rng.randrange(1_000_000),
         "SERVER_NW_DELAY_SEC": rng.randrange(4),

@@ -118,10 +118,12 @@ def test_wire_delay_and_loss(needs_root):
             exchange = lab.tcp(client=lab.host, server=lab.peer, rounds=[(10, 10)] * 3)
         syn, synack = directional(cap.flows(), tcp_tuple(exchange))
         handshake_ms = (synack.first_s - syn.first_s) * 1000
-        assert 30 <= handshake_ms < 36, handshake_ms  # 2 x 15 ms plus the wire's own latency
+        # 2 x 15 ms plus the wire's own latency, which on a loaded 2-core VM reached 11 ms; the
+        # bound only has to tell one delay each way from a third one (45 ms).
+        assert 30 <= handshake_ms < 44, handshake_ms
         samples = rtt_samples_ms(syn, synack)  # SYN, 3 requests, FIN: each acknowledged once
         assert len(samples) == 5 and min(samples) >= 30, samples
-        assert statistics.median(samples) < 33, samples  # a sample may include the peer's app
+        assert statistics.median(samples) < 44, samples  # a sample may include the peer's app
 
         lab.impair(loss_every=25, towards="peer")
         with lab.capture(lab.host) as cap:

@@ -50,6 +50,13 @@ NTOP = (
     "DST_PROC_NAME",
     "DST_PROC_UID",
 )
+CONTAINER = ("SRC_PROC_CONTAINER_ID", "DST_PROC_CONTAINER_ID")
+# v9 has no variable length: strings travel at the element's fixed v9 length, cut there.
+V9_CUT = "v9: cut at the element's fixed length (container id: its first 16 characters)"
+TSHARK_UNNAMED = (
+    "tshark 4.0 has no name for ntop 558/559: raw bytes (cflow.enterprise_private_entry / "
+    "cflow.unknown_field_type), read by type from -T pdml"
+)
 LEGACY_LATENCY = (
     "CLIENT_NW_DELAY_SEC",
     "CLIENT_NW_DELAY_USEC",
@@ -114,9 +121,10 @@ FIELDS_SHOWN: dict[str, dict[str, dict[str, str]]] = {
             ("flowDirection", "flowEndReason", "ipVersion"),
             ICMP,
             NTOP,
+            CONTAINER,
             **{
                 n: "custom primitive (aggregate_primitives)"
-                for n in ("flowDirection", "flowEndReason", "ipVersion", *ICMP, *NTOP)
+                for n in ("flowDirection", "flowEndReason", "ipVersion", *ICMP, *NTOP, *CONTAINER)
             },
         ),
         "v9": _table(
@@ -136,6 +144,7 @@ FIELDS_SHOWN: dict[str, dict[str, dict[str, str]]] = {
                     *LEGACY_LATENCY,
                 )
             },
+            **{n: f"custom primitive (aggregate_primitives); {V9_CUT}" for n in CONTAINER},
             **{n: "whole seconds (pmacct: unix_secs - (sysUptime - t)/1000)" for n in TIMES},
         ),
         "v5": _table(
@@ -150,6 +159,7 @@ FIELDS_SHOWN: dict[str, dict[str, dict[str, str]]] = {
             ICMP,
             NTOP,
             **{n: "an empty string is not shown" for n in ("SRC_PROC_NAME", "DST_PROC_NAME")},
+            **{n: TSHARK_UNNAMED for n in CONTAINER},
         ),
         "v9": _table(
             COMMON,
@@ -161,6 +171,7 @@ FIELDS_SHOWN: dict[str, dict[str, dict[str, str]]] = {
                 n: "shown under ntop's current name for that id (*_throughput)"
                 for n in LEGACY_LATENCY
             },
+            **{n: f"{TSHARK_UNNAMED}; {V9_CUT}" for n in CONTAINER},
             **{n: "sysUptime-relative, made absolute from the header" for n in TIMES},
         ),
         "v5": _table(COMMON, V5_EXTRA, **{n: "sysUptime-relative, made absolute" for n in TIMES}),
@@ -184,6 +195,10 @@ FIELDS_SHOWN: dict[str, dict[str, dict[str, str]]] = {
                 n: "id unknown to netflow 0.12: registered by the harness"
                 for n in ("flowEndReason", "icmpTypeCodeIPv6", *NTOP, *LEGACY_LATENCY)
             },
+            **{
+                n: f"id unknown to netflow 0.12: registered by the harness; {V9_CUT}"
+                for n in CONTAINER
+            },
         ),
         "v5": _table(COMMON, TIMES, V5_EXTRA),
     },
@@ -194,7 +209,7 @@ NOT_SHOWN: dict[str, dict[str, dict[str, str]]] = {
         "ipfix": {
             "ipVersion": "not stored",
             "samplingInterval": "only from options records",
-            **{n: "PEN elements are skipped" for n in NTOP},
+            **{n: "PEN elements are skipped" for n in (*NTOP, *CONTAINER)},
         },
         "v9": {
             "flowEndReason": "id 136 is not in nfdump 1.7.1's v9 map",
@@ -202,7 +217,7 @@ NOT_SHOWN: dict[str, dict[str, dict[str, str]]] = {
             "icmpTypeCodeIPv6": "v9 reads ICMP type/code only from id 32, also for IPv6; "
             "id 139 is ignored and ICMPv6 flows show 0.0",
             "ipVersion": "not stored",
-            **{n: "vendor ids are skipped" for n in NTOP},
+            **{n: "vendor ids are skipped" for n in (*NTOP, *CONTAINER)},
             **{n: "shown as one latency (nfdump.*_latency_us)" for n in LEGACY_LATENCY},
         },
         "v5": {
@@ -225,7 +240,7 @@ NOT_SHOWN: dict[str, dict[str, dict[str, str]]] = {
         "ipfix": {
             n: "enterprise/variable-length elements cannot be decoded: the ntop profile "
             "fails to parse (PaddingCalculationError)"
-            for n in NTOP
+            for n in (*NTOP, *CONTAINER)
         },
         "v9": {},
         "v5": {},

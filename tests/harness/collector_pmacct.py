@@ -104,6 +104,8 @@ DEFAULT_PRIMITIVES: tuple[Primitive, ...] = (
     _ntop("DST_PROC_USER_NAME", 377, "vlen", "str"),
     _ntop("SRC_PROC_CONTAINER_ID", 558, "vlen", "str"),
     _ntop("DST_PROC_CONTAINER_ID", 559, "vlen", "str"),
+    _ntop("SRC_PROC_CMDLINE", 556, "vlen", "str"),
+    _ntop("DST_PROC_CMDLINE", 557, "vlen", "str"),
     # Legacy nProbe v9 ids nfdump shows as latency (v9 only).
     Primitive("CLIENT_NW_DELAY_SEC", None, "57554", 4),
     Primitive("CLIENT_NW_DELAY_USEC", None, "57555", 4),

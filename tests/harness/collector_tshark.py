@@ -33,6 +33,7 @@ from tests.harness.collector_common import (
     wait_until,
     write_pcap,
 )
+from tests.harness.collector_tshark_raw import has_raw_fields, raw_records
 
 
 def _int(text: str) -> int:
@@ -201,8 +202,11 @@ def _header(cflow: dict) -> dict:
     return header
 
 
-def parse_tshark_json(text: str) -> TsharkResult:
+def parse_tshark_json(text: str, raw: Sequence[dict] = ()) -> TsharkResult:
+    """`raw`: per record in document order, the elements tshark shows without a name
+    (collector_tshark_raw), merged into that record."""
     result = TsharkResult()
+    shown = 0  # records so far, in document order
     packets = json.loads(text, object_pairs_hook=_first_wins) if text.strip() else []
     options_templates: set[int] = set()
     for packet in packets:
@@ -217,6 +221,7 @@ def parse_tshark_json(text: str) -> TsharkResult:
             for key, value in cflow.items():
                 if key.startswith("pdu "):  # v5 record
                     result.flows.append(_record(value, header))
+                    shown += 1
                 elif key.startswith(("Set ", "FlowSet ")) and isinstance(value, dict):
                     set_id = int(value.get("cflow.flowset_id", 0))
                     if set_id in (1, 3):  # options templates: remember their ids
@@ -229,6 +234,9 @@ def parse_tshark_json(text: str) -> TsharkResult:
                         if name.startswith("Flow ") and isinstance(record, dict):
                             target = result.options if set_id in options_templates else result.flows
                             target.append(_record(record, header))
+                            if shown < len(raw):
+                                target[-1].update(raw[shown])
+                            shown += 1
     return result
 
 
@@ -238,7 +246,9 @@ def decode_pcap(pcap: Path, port: int) -> TsharkResult:
         timeout=120,
         env={"TZ": "UTC"},
     )
-    return parse_tshark_json(text)
+    # Elements tshark 4.0 cannot name need a second pass, only when the capture holds some.
+    raw = raw_records(pcap, port) if has_raw_fields(text) else []
+    return parse_tshark_json(text, raw)
 
 
 def decode_with_tshark(datagrams: Sequence[bytes], ip_version: int = 4) -> TsharkResult:

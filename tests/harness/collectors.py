@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from ipfix.elements import BY_NAME
 from tests.harness.collector_common import (
     CollectorError,
     Flow,
@@ -105,6 +106,8 @@ STRINGS = frozenset(
         "DST_PROC_USER_NAME",
         "SRC_PROC_CONTAINER_ID",
         "DST_PROC_CONTAINER_ID",
+        "SRC_PROC_CMDLINE",
+        "DST_PROC_CMDLINE",
     }
 )
 ICMP_PROTOCOLS = (1, 58)
@@ -149,6 +152,10 @@ def expected_view(record: Flow, collector: str, protocol: str, fields: Sequence[
                 view[key] = int(record.get(f"{side}_NW_DELAY_SEC", 0)) * 1_000_000 + int(
                     record.get(f"{side}_NW_DELAY_USEC", 0)
                 )
+    if protocol == "v9":  # no variable length: a string is cut at the element's fixed length
+        for name in STRINGS.intersection(view):
+            data = str(view[name]).encode()[: BY_NAME[name].v9_length]
+            view[name] = data.decode(errors="ignore")
     if collector == "nfacctd" and protocol == "v9":
         # unix_secs - (sysUptime - t)/1000 with integer division; v9 headers are whole seconds
         # (sysUptime from the same instant), so this is t rounded up to a whole second.

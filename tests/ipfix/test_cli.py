@@ -98,7 +98,7 @@ def test_replay_then_collect_is_an_identity(
     assert len(got) == len(sent) == 120
     for want, have in zip(sent, got, strict=True):
         assert {k: have[k] for k in want} == want  # every input field comes back unchanged
-    assert "0 malformed" in err
+    assert "0 rejected," in err
 
 
 def test_generate_is_deterministic_and_realistic() -> None:
@@ -151,8 +151,10 @@ def test_collect_survives_garbage() -> None:
     out, err = collector.finish()
     assert len(out.splitlines()) == 3
     warnings = [line for line in err.splitlines() if "warning" in line]
-    assert len(warnings) == 5  # one line per broken datagram, the empty one included
-    assert "5 malformed" in err
+    # One line per reason: the second and third short datagrams come within the same 10 s.
+    assert [w.split("(")[1].split(")")[0] for w in warnings] == ["short", "set", "version"]
+    assert "127.0.0.1:" in warnings[0] and "0 bytes: too short for a version" in warnings[0]
+    assert "5 rejected (set 1, short 3, version 1)" in err
 
 
 def test_table_output() -> None:

@@ -172,6 +172,8 @@ def test_v5_sequence_counts_flows_and_at_most_30_records() -> None:
 @pytest.mark.parametrize("protocol", ["ipfix", "v9"])
 @pytest.mark.parametrize("max_size", [256, 512, 1400, 9000])
 def test_messages_never_exceed_the_maximum(protocol: str, max_size: int) -> None:
+    """256 is the smallest maximum ExportSession accepts: the ntop profile's largest record
+    (v9 IPv6, fixed-length strings) must fit in it, so a new element's v9 length counts."""
     s = session(protocol, max_message_size=max_size)
     batch = [flow(i, v6=i % 3 == 0) for i in range(500)]
     messages = s.encode(batch)
@@ -284,3 +286,14 @@ def test_profile_protocol_mismatch_is_an_error() -> None:
 def test_nfdump_latency_profile_uses_the_legacy_v9_ids() -> None:
     fields = next(iter(templates_of(session("v9", "nfdump-latency").template_messages()).values()))
     assert {57554, 57555, 57556, 57557} <= {ie for ie, _ in fields}
+
+
+@pytest.mark.parametrize("protocol", ["ipfix", "v9"])
+def test_container_id_whole_in_ipfix_and_nprobe_prefix_in_v9(protocol: str) -> None:
+    container = "3f4e1a9c0b2d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f"
+    s = session(protocol)
+    messages = s.encode([flow(0, SRC_PROC_CONTAINER_ID=container), flow(1)])
+    decoded = [r for m in messages for r in _records(m, s)]
+    want = container if protocol == "ipfix" else container[:16]
+    assert [r["SRC_PROC_CONTAINER_ID"] for r in decoded] == [want, ""]
+    assert [r["DST_PROC_CONTAINER_ID"] for r in decoded] == ["", ""]

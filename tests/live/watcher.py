@@ -14,9 +14,10 @@ class ExportWatcher:
         self.port = self._sink.port
         self._decoded = 0
         self._flows: list[Flow] = []
-        from ipfix.decoder import Decoder
+        from ipfix.decoder import DecodedMessage, Decoder
 
         self._decoder = Decoder()
+        self._messages: list[DecodedMessage] = []
 
     def start(self) -> ExportWatcher:
         self._sink.start()
@@ -33,8 +34,23 @@ class ExportWatcher:
 
     def flows(self) -> list[Flow]:
         """Every flow record received so far (decoding only what arrived since the last call)."""
+        self._decode()
+        return list(self._flows)
+
+    def options(self) -> list[dict]:
+        """Every options record received so far (exporter statistics, interface names)."""
+        self._decode()
+        return [r for m in self._messages for r in m.options_records]
+
+    def messages(self) -> list:  # list[ipfix.decoder.DecodedMessage]
+        """Every message received so far, decoded: headers, sets, templates."""
+        self._decode()
+        return list(self._messages)
+
+    def _decode(self) -> None:
         datagrams = self._sink.datagrams[self._decoded:]
         self._decoded += len(datagrams)
         for datagram in datagrams:
-            self._flows += self._decoder.records(datagram, (self.host, 0))
-        return list(self._flows)
+            for message in self._decoder.feed(datagram, (self.host, 0)):
+                self._messages.append(message)
+                self._flows += message.records

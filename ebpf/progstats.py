@@ -1,0 +1,119 @@
+"""Kernel CPU spent in a process's BPF programs: run_time_ns / run_cnt per program name.
+
+The kernel keeps these per program only while statistics are enabled (they cost two clock
+reads per run, so they are off by default): `stats_enabled()` holds a BPF_ENABLE_STATS file
+descriptor, which is reference counted by the kernel, so that it does not switch off the
+statistics of anyone else (as writing the `kernel.bpf_stats_enabled` sysctl back would).
+Programs are found among a process's file descriptors (/proc/PID/fdinfo shows run_time_ns and
+run_cnt for a program fd) and named with BPF_OBJ_GET_INFO_BY_FD on a descriptor of our own
+(BPF_PROG_GET_FD_BY_ID: root only). Programs of one name (a copy of each TC program per
+network namespace) are summed. The benchmarks report kernel ns per connection from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ebpf import bpfsys
+
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+_INFO_NAME_OFFSET = 64  # struct bpf_prog_info: char name[16] (stable since Linux 4.15)
+_INFO_LEN = 80
+
+
+@dataclass(frozen=True)
+class ProgramCost:
+    run_time_ns: int
+    run_cnt: int
+
+    def __sub__(self, other: ProgramCost) -> ProgramCost:
+        return ProgramCost(self.run_time_ns - other.run_time_ns, self.run_cnt - other.run_cnt)
+
+    @property
+    def ns_per_run(self) -> float:
+        return self.run_time_ns / self.run_cnt if self.run_cnt else 0.0
+
+
+def program_name(fd: int) -> str:
+    info = ctypes.create_string_buffer(_INFO_LEN)
+    attr = ctypes.create_string_buffer(bpfsys._ATTR_SIZE)
+    struct.pack_into("<IIQ", attr, 0, fd, _INFO_LEN, ctypes.addressof(info))
+    bpfsys._bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return info.raw[_INFO_NAME_OFFSET : _INFO_NAME_OFFSET + 16].split(b"\0", 1)[0].decode()
+
+
+def program_name_by_id(prog_id: int) -> str:
+    attr = ctypes.create_string_buffer(bpfsys._ATTR_SIZE)
+    struct.pack_into("<I", attr, 0, prog_id)
+    fd = bpfsys._bpf(BPF_PROG_GET_FD_BY_ID, attr)
+    try:
+        return program_name(fd)
+    finally:
+        os.close(fd)
+
+
+def _program_fds(pid: int | str) -> Iterator[tuple[int, dict[str, str]]]:
+    for name in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue  # closed meanwhile
+        if "run_cnt" in fields and "prog_type" in fields:
+            yield int(name), {k: v.strip() for k, v in fields.items()}
+
+
+def snapshot(pid: int | str = "self") -> dict[str, ProgramCost]:
+    """Cumulative cost per program name of every BPF program a process holds open."""
+    totals: dict[str, ProgramCost] = {}
+    seen_ids: set[str] = set()
+    for _fd, fields in _program_fds(pid):
+        if fields.get("prog_id") in seen_ids:
+            continue  # the same program under two fds (bcc keeps its own)
+        seen_ids.add(fields.get("prog_id", ""))
+        try:
+            name = program_name_by_id(int(fields["prog_id"]))
+        except (OSError, KeyError, ValueError):
+            continue
+        cost = ProgramCost(int(fields["run_time_ns"]), int(fields["run_cnt"]))
+        before = totals.get(name, ProgramCost(0, 0))
+        totals[name] = ProgramCost(before.run_time_ns + cost.run_time_ns,
+                                   before.run_cnt + cost.run_cnt)
+    return totals
+
+
+def difference(after: dict[str, ProgramCost], before: dict[str, ProgramCost]
+               ) -> dict[str, ProgramCost]:
+    return {name: cost - before.get(name, ProgramCost(0, 0)) for name, cost in after.items()}
+
+
+def total_ns(costs: dict[str, ProgramCost]) -> int:
+    return sum(cost.run_time_ns for cost in costs.values())
+
+
+def describe(costs: dict[str, ProgramCost], per: int, unit: str) -> str:
+    """One line: each program's runs and ns per run, per `unit` (e.g. per connection)."""
+    parts = [f"{name} {cost.run_cnt / per:.1f} x {cost.ns_per_run:.0f} ns"
+             for name, cost in sorted(costs.items(), key=lambda item: -item[1].run_time_ns)
+             if cost.run_cnt and per]
+    return f"per {unit}: " + ", ".join(parts)
+
+
+@contextlib.contextmanager
+def stats_enabled() -> Iterator[None]:
+    """Run-time statistics of every BPF program on while inside (needs CAP_SYS_ADMIN)."""
+    attr = ctypes.create_string_buffer(bpfsys._ATTR_SIZE)
+    struct.pack_into("<I", attr, 0, BPF_STATS_RUN_TIME)
+    fd = bpfsys._bpf(BPF_ENABLE_STATS, attr)
+    try:
+        yield
+    finally:
+        os.close(fd)
