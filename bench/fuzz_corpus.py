@@ -78,7 +78,9 @@ def corpus() -> list[bytes]:
         ("v9", "standard"),
         ("v5", "v5"),
     ):
-        session = ExportSession(protocol, load_profile(profile), 5, clock=lambda: NOW_MS / 1000)
+        session = ExportSession(
+            protocol, load_profile(profile), 5, clock=lambda: NOW_MS / 1000, exporting_process_id=7
+        )
         messages += session.encode(records * 4)
         messages += session.options_messages({}, interfaces={1: "lo", 2: "eth0"}, sampling=True)
     return messages + _hand_made()

@@ -49,6 +49,7 @@ class ConnectionTally:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
+        self.polls = 0  # completed polls
 
     def start(self) -> ConnectionTally:
         self._thread.start()
@@ -62,13 +63,15 @@ class ConnectionTally:
         port = self.server_port
         try:
             while not self._stop.is_set():
-                for observation in self.source.poll(self.poll_timeout_ms):
+                observations = self.source.poll(self.poll_timeout_ms)
+                for observation in observations:
                     key = observation.key
                     self.observations += 1
                     if key.dst_port == port:
                         self.flows[key.direction].add((key.src_port, observation.first_ms))
                     elif key.src_port == port:
                         self.flows[key.direction].add((key.dst_port, observation.first_ms))
+                self.polls += 1
         except BaseException as exc:  # reported by the benchmark, never swallowed
             self.error = exc
 
@@ -90,17 +93,19 @@ class ConnectionTally:
         return result
 
 
-def wait_quiet(tally: ConnectionTally, settle_s: float = 1.5, limit_s: float = 15.0) -> None:
-    """Until the tally stops growing: end-of-flow events of the last connections drain."""
+def wait_quiet(tally: ConnectionTally, quiet_polls: int = 3, limit_s: float = 60.0) -> None:
+    """Until `quiet_polls` polls in a row added no flow: the last connections' flows arrived.
+    Counted in polls, not seconds: on a loaded machine one poll of a big backlog takes
+    seconds, and a timer would end the tally in the middle of it (connections "missing")."""
     deadline = time.monotonic() + limit_s
-    last, last_change = -1, time.monotonic()
+    last_count, last_poll = tally.count(), tally.polls
     while time.monotonic() < deadline:
-        now_count = tally.count()
-        if now_count != last:
-            last, last_change = now_count, time.monotonic()
-        elif time.monotonic() - last_change >= settle_s:
+        time.sleep(0.05)
+        count, polls = tally.count(), tally.polls
+        if count != last_count:
+            last_count, last_poll = count, polls
+        elif polls - last_poll >= quiet_polls:
             return
-        time.sleep(0.1)
 
 
 @dataclass

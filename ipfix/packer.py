@@ -8,7 +8,7 @@ path is `struct` work with no Python per field:
 - anything else (v9/v5 relative times, strings) gets one generated function per template, which
   `starmap` calls with a row's values and which makes one struct call; a string is encoded once
   per distinct value (process names repeat for every flow of a process) and looked up after that.
-Fixed-length records are packed one message body at a time, as the assembler fills it.
+Records are packed about one message body at a time, as the assembler fills it.
 Anything unusual (a value out of range, a wrong type, None) makes the fast path raise; the careful
 per-row path then fixes or refuses each value, so the fast path never has to check anything.
 """
@@ -36,6 +36,8 @@ _MASKED = frozenset(
 # Distinct strings remembered per field; past this the cache starts over (a bound, not an LRU:
 # process names and interface names are few, so it is almost never reached).
 STRING_CACHE_LIMIT = 4096
+# Rows of a variable-length template packed ahead of the message body being filled.
+_CHUNK = 256
 # What the fast path raises on a value it cannot take as it is.
 _FAST_PATH_ERRORS = (struct.error, TypeError, ValueError, OverflowError)
 
@@ -130,7 +132,7 @@ class FixedRecords:
     """Rows of a fixed-length template, packed a message body at a time as the body is made.
     The records of one body are joined into their message right away, so the same few
     kilobytes serve every message instead of a batch's worth of small objects held to the end
-    (measured: 15-20% faster at 60k rows, from fewer page faults and colder caches)."""
+    (measured: ~13% faster at 60k rows, from fewer page faults and warmer caches)."""
 
     __slots__ = ("_boot_ms", "_pack", "_packer", "record_length", "rows")
 
@@ -162,29 +164,50 @@ class FixedRecords:
 
 
 class VariableRecords:
-    """Records of a variable-length template, packed all at once: how many fit in a message
-    depends on their lengths. `ends[i]` is where record i would end laid back to back with
-    those before it."""
+    """Rows of a variable-length template (IPFIX strings). How many fit in a message depends on
+    their lengths, so rows are packed a chunk ahead of the body being filled and records are let
+    go once a body has taken them: as with fixed-length records, a batch holds a few kilobytes
+    of them at a time, not all (measured: ~8% faster at 60k rows of the ntop profile)."""
 
-    __slots__ = ("ends", "packed")
+    __slots__ = ("_base", "_boot_ms", "_ends", "_packed", "_packer", "rows")
     record_length = 0
 
-    def __init__(self, packed: list[bytes]) -> None:
-        self.packed = packed
-        self.ends = list(accumulate(map(len, packed)))
+    def __init__(self, packer: RecordPacker, rows: Sequence[tuple], boot_ms: int) -> None:
+        self.rows = rows
+        self._packer = packer
+        self._boot_ms = boot_ms
+        self._base = 0  # the row of _packed[0]
+        self._packed: list[bytes] = []
+        self._ends: list[int] = []  # where each of _packed ends, counted from _packed[0]
 
     def __len__(self) -> int:
-        return len(self.packed)
+        return len(self.rows)
 
     def take(self, start: int, room: int) -> int:
-        offset = self.ends[start - 1] if start else 0
-        return bisect_right(self.ends, offset + room, start) - start
+        """How many records from `start` fit in `room` bytes (at most all that are left).
+        Records are taken in order: those before `start` are no longer needed."""
+        while True:
+            i = start - self._base
+            offset = self._ends[i - 1] if i else 0
+            k = bisect_right(self._ends, offset + room, i) - i
+            packed_to = self._base + len(self._packed)
+            if i + k < len(self._packed) or packed_to == len(self.rows):
+                return k
+            # Every packed record fits: pack more, keeping only the records from `start` on.
+            kept = self._packed[i:]
+            kept += self._packer.pack_rows(self.rows[packed_to : packed_to + _CHUNK], self._boot_ms)
+            self._base, self._packed, self._ends = start, kept, list(accumulate(map(len, kept)))
 
     def length(self, start: int, count: int) -> int:
-        return self.ends[start + count - 1] - (self.ends[start - 1] if start else 0)
+        """Bytes of records [start, start + count), which `take` has packed."""
+        if not count:
+            return 0
+        i = start - self._base
+        return self._ends[i + count - 1] - (self._ends[i - 1] if i else 0)
 
     def records(self, start: int, count: int) -> list[bytes]:
-        return self.packed[start : start + count]
+        i = start - self._base
+        return self._packed[i : i + count]
 
 
 Records = FixedRecords | VariableRecords
@@ -225,10 +248,10 @@ class RecordPacker:
     # -- rows ---------------------------------------------------------------------------------
 
     def pack(self, rows: Sequence[tuple], boot_ms: int = 0) -> Records:
-        """Rows as data records for message bodies (fixed-length ones are packed as the bodies
-        take them). `boot_ms`: the v9/v5 virtual boot epoch (relative times)."""
+        """Rows as data records for message bodies, packed as the bodies take them. `boot_ms`:
+        the v9/v5 virtual boot epoch (relative times)."""
         if self.variable:
-            return VariableRecords(self.pack_rows(rows, boot_ms))
+            return VariableRecords(self, rows, boot_ms)
         return FixedRecords(self, rows, boot_ms)
 
     def pack_rows(self, rows: Sequence[tuple], boot_ms: int = 0) -> list[bytes]:

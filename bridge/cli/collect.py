@@ -29,6 +29,7 @@ from bridge.ratelimit import RateLimitedLog
 from ipfix.decoder import Decoder
 from ipfix.errors import DecodeError
 from ipfix.jsonform import record_to_json
+from ipfix.template_cache import DEFAULT_MAX_FIELDS, DEFAULT_MAX_TEMPLATES
 
 MAX_DATAGRAM = 65535
 RECEIVE_BUFFER = 8 << 20  # exporters send bursts faster than we print
@@ -191,7 +192,23 @@ def _stop(signum: int, frame: object) -> None:
     raise _Stop
 
 
-@click.command("collect")
+HELP = f"""Receive IPFIX, NetFlow v9 and v5 over UDP and print the flows.
+
+Flows go to stdout; everything else to stderr: a datagram that cannot be decoded is rejected,
+counted by reason and reported on one line (at most one per reason every
+{WARNING_INTERVAL_SECONDS:g} s), and a summary with the counts is printed on exit (end of
+--count/--timeout, Ctrl-C or SIGTERM). At most {DEFAULT_MAX_TEMPLATES} templates
+({DEFAULT_MAX_FIELDS} fields) are kept, the least recently used evicted.
+
+\b
+Examples:
+  flowbridge collect                               # 127.0.0.1:4739, a table
+  flowbridge collect --listen [::]:2055 --json     # JSON lines (replay's input form)
+  flowbridge collect --count 100 --timeout 5 > flows.jsonl
+"""
+
+
+@click.command("collect", help=HELP)
 @click.option(
     "--listen",
     default="127.0.0.1:4739",
@@ -208,19 +225,7 @@ def _stop(signum: int, frame: object) -> None:
     help="Stop after this many seconds without a datagram.",
 )
 def collect(listen: str, as_json: bool, count: int | None, timeout: float | None) -> None:
-    """Receive IPFIX, NetFlow v9 and v5 over UDP and print the flows.
-
-    Flows go to stdout; everything else to stderr: a datagram that cannot be decoded is
-    rejected, counted by reason and reported on one line (at most one per reason every 10 s),
-    and a summary with the counts is printed on exit (end of --count/--timeout, Ctrl-C or
-    SIGTERM). At most 4096 templates (65536 fields) are kept, the least recently used evicted.
-
-    \b
-    Examples:
-      flowbridge collect                               # 127.0.0.1:4739, a table
-      flowbridge collect --listen [::]:2055 --json     # JSON lines (replay's input form)
-      flowbridge collect --count 100 --timeout 5 > flows.jsonl
-    """
+    # The help is HELP, built from the limits it states.
     host, port = parse_host_port(listen, "--listen")
     sock = open_listener(host, port)
     sock.settimeout(timeout)

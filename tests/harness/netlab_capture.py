@@ -150,7 +150,8 @@ class Capture:
                     listening.set()
             listening.set()
 
-        threading.Thread(target=read_stderr, daemon=True).start()
+        self._reader = threading.Thread(target=read_stderr, daemon=True)
+        self._reader.start()
         if not listening.wait(timeout_s) or self._process.poll() is not None:
             self.kill()
             raise RuntimeError(f"tcpdump on {self.ifname} did not start: {''.join(self._stderr)}")
@@ -166,7 +167,9 @@ class Capture:
         except subprocess.TimeoutExpired:
             self.kill()
             raise
-        time.sleep(0.05)  # the stderr reader thread drains the summary lines
+        # The summary lines come last on stderr: the reader ends at EOF once it has them (a
+        # fixed short sleep was not enough for it to be scheduled on a loaded machine).
+        self._reader.join(timeout=30)
         summary = "".join(self._stderr)
         captured = re.search(r"(\d+) packets? captured", summary)
         dropped = re.search(r"(\d+) packets? dropped by kernel", summary)

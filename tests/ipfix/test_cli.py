@@ -197,3 +197,34 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], stdin: str, message: 
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_collect_listens_on_loopback_unless_told() -> None:
+    result = run("collect", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "[default: 127.0.0.1:4739]" in text
+    assert "0.0.0.0:PORT for every IPv4 address" in text and "[::]:PORT" in text
+    assert "4096 templates" in text and "SIGTERM" in text
+
+
+def test_collect_leaves_quietly_when_its_reader_does() -> None:
+    """`collect --json | head -1`: a closed stdout ends collect with its summary, no traceback."""
+    port = free_port()
+    script = (
+        f"{' '.join(FLOWBRIDGE[:2])} '{FLOWBRIDGE[2]}' collect --listen 127.0.0.1:{port} --json "
+        "--timeout 120 | head -1"
+    )
+    shell = subprocess.Popen(
+        ["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert shell.stderr is not None and "listening on" in shell.stderr.readline()
+    source = "\n".join(generated(5, "standard").splitlines())
+    for _ in range(60):  # until collect writes after head has gone (then it must end)
+        assert run("replay", "-", "--collector", f"127.0.0.1:{port}", stdin=source).returncode == 0
+        if shell.poll() is not None:
+            break
+        time.sleep(0.5)
+    out, err = shell.communicate(timeout=60)
+    assert len(out.splitlines()) == 1 and json.loads(out)
+    assert "Traceback" not in err and "flow records" in err

@@ -188,3 +188,34 @@ def test_v9_full_packets_carry_whole_padded_flowsets(odd_profile: str) -> None:
     assert counts == [9] * 11 + [1]
     assert [len(m) for m in data] == [V9_HEADER + 456] * 11 + [V9_HEADER + 56]
     assert all(length % 4 == 0 for m in data for length in frame(m).set_lengths)
+
+
+@pytest.mark.parametrize("max_size", [1400, 9000, 65535])
+def test_variable_length_records_fill_messages_too(max_size: int) -> None:
+    """IPFIX strings of every length class (empty, short, past the 255-byte prefix): records
+    are packed a chunk ahead of the body, and a 65535-byte message holds more than a chunk."""
+    session = make_session("ipfix", "ntop", max_message_size=max_size)
+    assert session.templates[4].variable
+    names = ["", "nginx", "é" * 130, "postgres: writer", "sshd"]  # 260 bytes: a 3-byte prefix
+    batch = [dict(record(i), SRC_PROC_NAME=names[i % len(names)]) for i in range(1500)]
+    layout = session.row_layout(4)
+    rows = [tuple(r.get(key, value) for key, value in layout) for r in batch]
+    messages = [m for m in session.encode_rows(4, rows) if frame(m).sets[0][0] >= 256]
+    counts = [len(m.records) for m in decoded(session, messages)]
+    got = [r for m in decoded(session, messages) for r in m.records]
+    assert [r["SRC_PROC_NAME"] for r in got] == [r["SRC_PROC_NAME"] for r in batch]
+
+    def alone(row: tuple) -> int:
+        """One record's encoded length, from a message of its own."""
+        single = make_session("ipfix", "ntop", max_message_size=max_size)
+        [message] = [m for m in single.encode_rows(4, [row]) if frame(m).sets[0][0] >= 256]
+        return len(message) - 16 - 4
+
+    lengths = {name: alone(rows[i]) for i, name in enumerate(names)}
+    assert all(len(m) <= max_size for m in messages)
+    position = 0
+    for message, count in zip(messages[:-1], counts, strict=False):
+        position += count  # the first record of the next message did not fit in this one
+        assert len(message) + lengths[batch[position]["SRC_PROC_NAME"]] > max_size
+    if max_size == 65535:
+        assert len(got) / len(messages) > 256  # more records per message than one chunk

@@ -56,8 +56,10 @@ def test_bad_flag(args: list[str], names: list[str]) -> None:
         ("active_timeout = -1\n", [":1:", "active_timeout", "-1"]),
         ("[[collector]]\naddress = 4739\n", [":2:", "collector #1", "4739"]),
         ("active_timeout = \n", [":1:", "invalid TOML"]),
+        ("idle_timeout = 5\nkernel_max_flows = 8\n", [":2:", "kernel_max_flows", "16..", "8"]),
     ],
-    ids=["agent-key", "collector-key", "negative-timeout", "address-type", "syntax"],
+    ids=["agent-key", "collector-key", "negative-timeout", "address-type", "syntax",
+         "kernel-map-size"],
 )
 def test_bad_config(tmp_path: Path, text: str, where: list[str]) -> None:
     path = tmp_path / "flowbridge.toml"

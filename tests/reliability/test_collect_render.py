@@ -4,26 +4,30 @@ JSON lines (strict JSON), and the agent's built-in collector line (no terminal e
 from __future__ import annotations
 
 import json
+import socket
 import struct
 
 from bridge.cli.collect import Collection, json_line, table_row
-from bridge.loopback import format_flow
+from bridge.loopback import LoopbackCollector, format_flow
 from ipfix.decoder import Decoder
 from ipfix.jsonform import record_from_json, record_to_json
 
 EXPORTER = ("192.0.2.31", 4739)
 
 
-def _garbage_record() -> dict:
-    """A record as the decoder gives it for an exporter that sends odd lengths: integers longer
-    than 8 bytes stay bytes, times far outside what datetime can show."""
+def _garbage_message() -> bytes:
+    """A record from an exporter that sends odd lengths: integers longer than 8 bytes (which
+    stay bytes), times far outside what datetime can show."""
     body = struct.pack(">HHHHHHHHHHHHHHHH", 300, 7, 1, 600, 2, 9, 4, 12, 6, 3, 152, 8, 153, 8, 7, 2)
     data = b"\x01" * 600 + b"\x02" * 9 + b"\x03" * 12 + b"\x00\x00\xff"
     data += struct.pack(">QQH", 2**64 - 1, 0, 80)
     sets = struct.pack(">HH", 2, 4 + len(body)) + body
     sets += struct.pack(">HH", 300, 4 + len(data)) + data
-    message = struct.pack(">HHIII", 10, 16 + len(sets), 0, 0, 1) + sets
-    [record] = Decoder().records(message, EXPORTER)
+    return struct.pack(">HHIII", 10, 16 + len(sets), 0, 0, 1) + sets
+
+
+def _garbage_record() -> dict:
+    [record] = Decoder().records(_garbage_message(), EXPORTER)
     return record
 
 
@@ -67,3 +71,20 @@ def test_collection_counts_every_datagram_once() -> None:
     assert dict(collection.rejected) == {"short": 2, "version": 1}
     assert "3 rejected (short 2, version 1)" in collection.summary()
     assert record_from_json({"octetDeltaCount": 1}) == {"octetDeltaCount": 1}
+
+
+def test_the_built_in_collector_survives_and_bounds_a_local_flood() -> None:
+    """Anyone on the host can send to the agent's built-in collector: garbage is counted, odd
+    values print, and one drain reads a bounded number of datagrams (the agent loop goes on)."""
+    printed: list[str] = []
+    collector = LoopbackCollector(printed.append)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for _ in range(5):
+                sender.sendto(b"\x00\x0a junk", (collector.host, collector.port))
+            sender.sendto(_garbage_message(), (collector.host, collector.port))
+        assert collector.drain(max_datagrams=4) == 0 and collector.rejected == 4
+        assert collector.drain() == 1 and collector.rejected == 5
+    finally:
+        collector.close()
+    assert len(printed) == 1 and "pkts" in printed[0]

@@ -10,7 +10,7 @@ Judged at the end:
     of the run is no higher than the quarter after the warm-up (within a margin; descriptors
     may follow namespaces and interfaces that other tests create meanwhile, which the agent
     attaches to);
-  - every connection reached both collectors (one record per direction and side, or more);
+  - every connection reached nfcapd (one record per direction and side, or more);
   - the long flows were exported in active-timeout slices;
   - the collectors report zero sequence errors and their sockets dropped nothing.
 
@@ -172,13 +172,19 @@ def test_file_descriptors_are_flat(soak: Soak) -> None:
     assert after[0].fds <= allowed, (
         f"fds {before[0].fds} -> {after[0].fds} (namespaces {before[1]:g} -> {after[1]:g}, "
         f"interfaces {before[2]:g} -> {after[2]:g})")
-    assert after[0].threads <= before[0].threads
+    # The metrics server answers each scrape on a thread of its own: one may be alive.
+    threads_before = statistics.median(s.threads for s, _, _ in early)
+    threads_after = statistics.median(s.threads for s, _, _ in late)
+    assert threads_after <= threads_before + 1, f"threads {threads_before} -> {threads_after}"
 
 
-@pytest.mark.parametrize("collector", ["nfdump", "nfacctd"])
+@pytest.mark.parametrize("collector", ["nfdump"])
 def test_every_connection_exported(soak: Soak, collector: str) -> None:
     """Client ports are reused over a long run: each record key must have at least as many
-    records as connections that used it."""
+    records as connections that used it. Judged at nfdump: nfacctd's core hands records to its
+    print plugin through a pipe that drops them under load without a log line or a sequence
+    error (tests/compat/live_cells.py; seen here: half of a minute's records when the VM was
+    busy), so nfacctd is judged on its sequence check and socket only."""
     have = Counter(record_key(f) for f in soak.flows[collector]
                    if f.get("protocolIdentifier") == 6)
     want: Counter = Counter()
