@@ -6,9 +6,10 @@ Two parts, one JSON line per result {"name", "value", "unit", "peer", "peer_valu
 
 - cache (any user): the flow cache alone holding 2 x SOCKETS live TCP flows (each socket has an
   egress and an ingress flow), their keys and TCP state as the kernel source gives them. Bytes per
-  flow by tracemalloc (the biggest allocation sites go to stderr), and the CPU time of one sweep
-  in which every flow reaches its active timeout, then of exporting those records (IPFIX to a
-  loopback UDP sink).
+  flow by tracemalloc (the biggest allocation sites go to stderr), the cache's total for these
+  flows and, on paper, for 1M sockets (2M flows: bytes per flow x 2M, as the cache holds nothing
+  but its flows), and the CPU time of one sweep in which every flow reaches its active timeout,
+  then of exporting those records (IPFIX to a loopback UDP sink).
 - agent (root, bcc): this process becomes the agent, as `flowbridge run` builds it (FlowCollector,
   the state table for `flowbridge top`, Agent, start-up memory released), with the kernel flow map
   and the cache sized for the flows. A child in its own network namespace then holds SOCKETS / 2
@@ -134,6 +135,8 @@ def cache_part(flows: int) -> None:
         )
     tracemalloc.stop()
     result("cache_bytes_per_flow", held / flows, "bytes")
+    result(f"cache_{flows}_flows", held / 2**20, "MB")
+    result("cache_1M_sockets_on_paper", held / flows * 2_000_000 / 2**20, "MB")
     sweep_cpu, export_cpu, records = sweep_and_export(cache)
     assert records == flows, f"the sweep exported {records} of {flows} flows"
     result(f"cache_active_sweep_{flows}_flows", sweep_cpu, "s", "budget", BUDGET_SWEEP_S)

@@ -64,7 +64,7 @@ class Flow:
         "start_ms",  # first packet of the current (unexported) period; 0 = nothing unexported
         "last_ms",
         "process",
-        "tcp",
+        "srtt_us",  # of the latest TcpHealth, all records read of it beyond retransmissions
         "local_initiated",  # as FlowObservation.local_initiated: who connected, when known
         "end",
     )
@@ -85,16 +85,23 @@ class Flow:
         self.start_ms = 0
         self.last_ms = obs.last_ms
         self.process = None
-        self.tcp = None
+        self.srtt_us = 0
         self.local_initiated = None
         self.end = _NONE
+
+    @property
+    def tcp(self) -> Flow | None:
+        """What records read of the TCP state (`tcp.srtt_us`, when there is one), answered by
+        the flow itself: holding the kernel's whole TcpHealth cost 112 bytes a flow."""
+        return self if self.srtt_us else None
 
 
 # What leaves the cache: a plain tuple, as this is the hot path.
 #   (flow, octets, packets, start_ms, end_ms, reason, retrans_packets, retrans_bytes, peer)
 # Counts are this record's deltas; `peer` is the reverse direction's tuple (biflow) or None.
 # `flow` is a Flow, or a FlowObservation for a flow seen only at its end: both have key,
-# ifindex, tcp_flags, process, tcp and local_initiated, which is all that records read.
+# ifindex, tcp_flags, process, tcp (None, or with srtt_us) and local_initiated, which is all
+# that records read.
 Export = tuple
 
 
@@ -184,7 +191,8 @@ class FlowCache:
         active_start = self._active_starts.append
         uniflow = not self.biflow
         ended: list[Flow] = []
-        ended_unseen = 0
+        none, end_of_flow = _NONE, END_OF_FLOW  # locals: read for every observation
+        evicted = 0  # records in `out` that evictions made; the others are flows seen ending
         for obs in observations:
             key = obs.key
             ck = (  # cache_key(key), inlined: a call per observation is measurable here
@@ -198,7 +206,7 @@ class FlowCache:
             )
             flow = get(ck)
             if flow is None:
-                if uniflow and obs.end is not _NONE:
+                if uniflow and obs.end is not none:
                     # A flow the cache never held, already over (most short flows): one record,
                     # no entry; the observation stands in for the Flow (it has what records
                     # read). Inline, as this is the commonest case at high flow rates.
@@ -211,16 +219,17 @@ class FlowCache:
                                 obs.packets,
                                 obs.first_ms,
                                 obs.last_ms,
-                                END_OF_FLOW,
+                                end_of_flow,
                                 tcp.retrans_packets if tcp is not None else 0,
                                 tcp.retrans_bytes if tcp is not None else 0,
                                 None,
                             )
                         )
-                        ended_unseen += 1
                     continue
                 if len(flows) >= self.max_flows:
+                    before = len(out)
                     self._evict(out)
+                    evicted += len(out) - before
                 flow = Flow(obs, ck)
                 if self._tombstones:
                     self._restore_base(flow)
@@ -249,13 +258,13 @@ class FlowCache:
                 if tcp.retrans_packets < flow.retrans:
                     flow.base_retrans -= flow.retrans
                     flow.base_retrans_bytes -= flow.retrans_bytes
-                flow.tcp = tcp
+                flow.srtt_us = tcp.srtt_us
                 flow.retrans = tcp.retrans_packets
                 flow.retrans_bytes = tcp.retrans_bytes
-            if obs.end is not _NONE:
+            if obs.end is not none:
                 flow.end = obs.end
                 ended.append(flow)
-        self.records_by_reason[END_OF_FLOW] += ended_unseen
+        self.records_by_reason[END_OF_FLOW] += len(out) - evicted
         for flow in ended:
             if get(flow.ck) is flow:
                 self._finish(flow, END_OF_FLOW, out, release=False)

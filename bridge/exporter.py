@@ -81,6 +81,7 @@ class Exporter:
             biflow=self.biflow,
             container_ids=container_ids,
             command_lines=command_lines,
+            packs={family: self.session.direct_pack(family) for family in (4, 6)},
         )
         if transport is None:
             transport = open_collector_transport(config)

@@ -8,7 +8,9 @@ path is `struct` work with no Python per field:
 - anything else (v9/v5 relative times, strings) gets one generated function per template, which
   `starmap` calls with a row's values and which makes one struct call; a string is encoded once
   per distinct value (process names repeat for every flow of a process) and looked up after that.
-Records are packed about one message body at a time, as the assembler fills it.
+Records are packed about one message body at a time, as the assembler fills it; or, where they
+do not depend on the batch (no v9/v5 relative times), by the caller as it makes each row
+(`direct_pack`), so the row never exists as a tuple: the agent's row builder does that (`Packed`).
 Anything unusual (a value out of range, a wrong type, None) makes the fast path raise; the careful
 per-row path then fixes or refuses each value, so the fast path never has to check anything.
 """
@@ -39,7 +41,7 @@ STRING_CACHE_LIMIT = 4096
 # Rows of a variable-length template packed ahead of the message body being filled.
 _CHUNK = 256
 # What the fast path raises on a value it cannot take as it is.
-_FAST_PATH_ERRORS = (struct.error, TypeError, ValueError, OverflowError)
+FAST_PATH_ERRORS = (struct.error, TypeError, ValueError, OverflowError)
 
 
 def _format_char(f: TemplateField) -> str:
@@ -159,7 +161,7 @@ class FixedRecords:
         rows = self.rows[start : start + count]
         try:
             return list(starmap(self._pack, rows))
-        except _FAST_PATH_ERRORS:
+        except FAST_PATH_ERRORS:
             return self._packer.pack_rows(rows, self._boot_ms)  # fixes what can be fixed
 
 
@@ -210,7 +212,48 @@ class VariableRecords:
         return self._packed[i : i + count]
 
 
-Records = FixedRecords | VariableRecords
+class Packed(list):
+    """Records already packed with a packer's `direct_pack`, in row order: what `pack` takes
+    instead of rows to skip packing. A list of bytes, marked by its type."""
+
+    __slots__ = ()
+
+
+class PackedRecords:
+    """Records the caller packed (`Packed`), taken by message bodies as they are. Fixed-length
+    ones by their count; variable-length ones (IPFIX strings) by where each one ends."""
+
+    __slots__ = ("_ends", "record_length", "rows")
+
+    def __init__(self, record_length: int, rows: Packed) -> None:
+        """`record_length`: of every record, or 0 for a variable-length template."""
+        self.rows = rows
+        self.record_length = record_length
+        self._ends = [] if record_length else list(accumulate(map(len, rows)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, start: int, room: int) -> int:
+        """How many records from `start` fit in `room` bytes (at most all that are left)."""
+        if self.record_length:
+            return min(len(self.rows) - start, max(room, 0) // self.record_length)
+        offset = self._ends[start - 1] if start else 0
+        return bisect_right(self._ends, offset + room, start) - start
+
+    def length(self, start: int, count: int) -> int:
+        """Bytes of records [start, start + count)."""
+        if self.record_length:
+            return count * self.record_length
+        if not count:
+            return 0
+        return self._ends[start + count - 1] - (self._ends[start - 1] if start else 0)
+
+    def records(self, start: int, count: int) -> list[bytes]:
+        return self.rows[start : start + count]
+
+
+Records = FixedRecords | VariableRecords | PackedRecords
 
 
 class RecordPacker:
@@ -230,6 +273,12 @@ class RecordPacker:
         )
         self._one = struct.Struct(">" + "".join(map(_format_char, self.fields)))
         self.bind = _compile(self.fields, self._one)
+        # The record of one row's values, when it does not depend on the batch (no v9/v5 relative
+        # time): the caller may pack as it makes its rows, and no row tuple is ever made. It
+        # raises FAST_PATH_ERRORS on a value out of range: then pass rows instead.
+        self.direct_pack: Callable[..., bytes] | None = (
+            None if any(f.relative_time for f in self.fields) else self.bind(0)
+        )
 
     # -- dicts --------------------------------------------------------------------------------
 
@@ -249,7 +298,9 @@ class RecordPacker:
 
     def pack(self, rows: Sequence[tuple], boot_ms: int = 0) -> Records:
         """Rows as data records for message bodies, packed as the bodies take them. `boot_ms`:
-        the v9/v5 virtual boot epoch (relative times)."""
+        the v9/v5 virtual boot epoch (relative times). `Packed` records are taken as they are."""
+        if type(rows) is Packed:
+            return PackedRecords(0 if self.variable else self.record_length, rows)
         if self.variable:
             return VariableRecords(self, rows, boot_ms)
         return FixedRecords(self, rows, boot_ms)
@@ -260,13 +311,13 @@ class RecordPacker:
         pack = self.bind(boot_ms)
         try:
             return list(starmap(pack, rows))
-        except _FAST_PATH_ERRORS:
+        except FAST_PATH_ERRORS:
             return [self._pack_or_fix(pack, row, boot_ms) for row in rows]
 
     def _pack_or_fix(self, pack: Callable[..., bytes], row: tuple, boot_ms: int) -> bytes:
         try:
             return pack(*row)
-        except _FAST_PATH_ERRORS:
+        except FAST_PATH_ERRORS:
             return self.pack_careful(row, boot_ms)
 
     def check_length(self, row: Sequence) -> None:

@@ -12,7 +12,7 @@ from ipfix.assembler import data_bodies
 from ipfix.errors import IpfixError
 from ipfix.ipfix_encoder import IpfixEncoder
 from ipfix.options import STATS_FIELDS, STATS_SCOPE, check_stats
-from ipfix.packer import RecordPacker
+from ipfix.packer import Packed, RecordPacker
 from ipfix.profile import Profile
 from ipfix.uptime import UptimeClock
 from ipfix.v5_encoder import V5Encoder
@@ -111,6 +111,14 @@ class ExportSession:
             return ()
         return tuple(zip(packer.keys, packer.row_defaults, strict=True))
 
+    def direct_pack(self, family: int) -> Callable[..., bytes] | None:
+        """For rows of `family` whose records do not depend on the batch (all but v9/v5 with
+        their relative times): the function of one row's values to its record. A caller that
+        packs its rows with it passes them to `encode_runs` as an `ipfix.packer.Packed` list
+        instead of tuples, and no row tuple is ever made."""
+        packer = self._packer(family)
+        return packer.direct_pack if packer is not None else None
+
     def encode(self, records: Sequence[dict]) -> list[bytes]:
         """Complete messages, each within max_message_size (v5: 30 records), templates first
         whenever they are due."""
@@ -142,7 +150,7 @@ class ExportSession:
 
     def encode_runs(self, runs: Sequence[tuple[int, Sequence[tuple]]]) -> list[bytes]:
         """Several (family, rows) runs in this order; sets of different families share
-        messages where they fit."""
+        messages where they fit. Rows may come packed (`direct_pack`, `Packed`)."""
         now = self.clock()
         now_ms = int(now * 1000)
         encoder = self._encoder
@@ -151,6 +159,9 @@ class ExportSession:
             packer = self._packer(family)
             if packer is None:
                 self.refused_records += len(rows)
+            elif type(rows) is Packed and packer.direct_pack is None:
+                raise IpfixError(f"address family {family}: packed records given, but the "
+                                 f"{self.protocol} records depend on the batch's time base")
             elif rows:
                 packed_runs.append((packer, rows))
         if isinstance(encoder, V5Encoder):

@@ -229,3 +229,19 @@ def test_records_add_up_exactly_and_never_overlap(steps, active, idle, end, bifl
     for earlier, later in zip(records, records[1:], strict=False):
         assert earlier[END] <= later[START]
     assert all(r[FLOW].key.direction == Direction.EGRESS for r in records)
+
+
+def test_a_flow_keeps_the_latest_rtt_not_the_kernels_tcp_state():
+    """Records read only srtt_us of the TCP state (retransmissions are counted apart): the flow
+    answers `tcp.srtt_us` itself instead of holding a TcpHealth (112 bytes a flow)."""
+    cache = FlowCache(active_timeout=60, idle_timeout=15)
+    timed, untimed = key(40001), key(40002)
+    first, latest = TcpHealth(1, 1448, 900, 800, 10, 1), TcpHealth(2, 2896, 700, 650, 12, 1)
+    cache.update([obs(timed, 100, 1, T0, T0, tcp=first), obs(untimed, 100, 1, T0, T0)])
+    cache.update([obs(timed, 300, 3, T0, T0 + 5, tcp=latest)])
+    flows = {r[FLOW].key: r for r in cache.sweep(T0 + 60_000)}
+    assert flows[timed][FLOW].tcp.srtt_us == 700
+    assert (flows[timed][RETRANS], flows[timed][RETRANS_BYTES]) == (2, 2896)
+    assert flows[untimed][FLOW].tcp is None
+    flow = flows[timed][FLOW]
+    assert not any(isinstance(getattr(flow, slot), TcpHealth) for slot in type(flow).__slots__)

@@ -177,5 +177,41 @@ def test_exporter_row_path_sends_what_the_dict_path_sends(protocol: str, profile
             s.close()
 
 
+@pytest.mark.parametrize("profile_name", ["standard", "ntop"])
+def test_a_value_the_record_pack_refuses_sends_what_the_dict_path_sends(profile_name: str) -> None:
+    """IPFIX rows are packed as they are made; a value out of its field's range (an ifindex past
+    32 bits, a counter past 64) makes that batch go as tuples, which the careful path saturates,
+    as for record dicts."""
+    sinks = [Sink(), Sink()]
+    try:
+        exporters = [
+            Exporter(
+                CollectorConfig(host=s.host, port=s.port, profile=profile_name),
+                4242,
+                clock=FakeClock(T0 + 1000),
+            )
+            for s in sinks
+        ]
+        assert exporters[0].session.direct_pack(4) is not None
+        odd = [
+            obs(key(41000, 443), 1 << 64, 3, T0, T0 + 5, end=EndCause.FIN),
+            obs(key(41001, 443), 900, 3, T0, T0 + 5, end=EndCause.FIN, ifindex=1 << 40),
+        ]
+        for batch in (variety()[:60], odd, variety()[60:120]):
+            exports = FlowCache().update(batch)
+            exporters[0].export(exports)
+            exporters[1].send_records(exporters[1].builder.build(exports))
+        for s in sinks:
+            s.receive(expect=3)
+        assert sinks[0].datagrams == sinks[1].datagrams
+        got = {r["sourceTransportPort"]: r for m in sinks[0].messages for r in m.records}
+        assert got[41000]["octetDeltaCount"] == (1 << 64) - 1
+        assert got[41001]["egressInterface"] == (1 << 32) - 1
+        assert exporters[0].records_exported == 122
+    finally:
+        for s in sinks:
+            s.close()
+
+
 def _fields(o) -> dict:
     return {name: getattr(o, name) for name in o.__slots__}

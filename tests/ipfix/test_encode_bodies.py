@@ -12,6 +12,7 @@ import pytest
 
 from ipfix.decoder import Decoder
 from ipfix.errors import IpfixError
+from ipfix.packer import Packed
 from ipfix.profile import load_profile
 from ipfix.session import ExportSession
 from tests.ipfix.strategies import NOW_MS
@@ -219,3 +220,41 @@ def test_variable_length_records_fill_messages_too(max_size: int) -> None:
         assert len(message) + lengths[batch[position]["SRC_PROC_NAME"]] > max_size
     if max_size == 65535:
         assert len(got) / len(messages) > 256  # more records per message than one chunk
+
+
+@pytest.mark.parametrize("profile", ["standard", "ntop", "odd"])
+@pytest.mark.parametrize("max_size", [600, 1400, 9000])  # 600: a 260-byte name and its record
+def test_records_packed_by_the_caller_make_the_same_messages_as_rows(
+    profile: str, max_size: int, odd_profile: str
+) -> None:
+    """direct_pack: rows packed as they are made (the agent's row builder) give byte for byte
+    the messages of the same rows passed as tuples: fixed-length sets and IPFIX strings, full
+    bodies and IPv4/IPv6 sets sharing a message."""
+    name = odd_profile if profile == "odd" else profile
+    names = ["", "nginx", "é" * 130, "postgres: writer"]
+    as_rows, packed = make_session("ipfix", name, max_message_size=max_size), make_session(
+        "ipfix", name, max_message_size=max_size
+    )
+    runs = []
+    for family, numbers in ((4, range(0, 70)), (6, range(70, 79)), (4, range(79, 400))):
+        layout = as_rows.row_layout(family)
+        batch = [dict(record(i, family), SRC_PROC_NAME=names[i % 4]) for i in numbers]
+        runs.append((family, [tuple(r.get(k, value) for k, value in layout) for r in batch]))
+    packs = {family: packed.direct_pack(family) for family in (4, 6)}
+    assert all(packs.values())
+    packed_runs = [(f, Packed(packs[f](*row) for row in rows)) for f, rows in runs]
+    expected = as_rows.encode_runs(runs)
+    assert packed.encode_runs(packed_runs) == expected
+    ports = [r["sourceTransportPort"] for m in decoded(packed, expected) for r in m.records]
+    assert ports == [1024 + i for i in range(400)]
+
+
+@pytest.mark.parametrize("protocol", ["v9", "v5"])
+def test_relative_times_are_never_packed_ahead(protocol: str) -> None:
+    """v9/v5 records depend on the batch's time base: no direct pack, and packed records are
+    refused rather than sent with the wrong times."""
+    session = make_session(protocol)
+    assert session.direct_pack(4) is None
+    ipfix = make_session("ipfix")
+    with pytest.raises(IpfixError, match="packed records"):
+        session.encode_runs([(4, Packed([ipfix.direct_pack(4)(*rows_of(ipfix, 4, range(1))[0])]))])

@@ -4,11 +4,16 @@ overflows quickly), and SIGSTOP / SIGCONT for a collector that hangs."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
+import subprocess
+from collections import Counter
 
 from tests.harness.collector_common import free_udp_port, udp_drops
 from tests.harness.collectors import Nfacctd, Nfcapd
+
+DIRECTIONS = {"I": 0, "E": 1}  # nfdump's %dir -> IANA flowDirection
 
 
 def nfcapd_at(port: int | None = None, socket_buffer: int | None = None) -> Nfcapd:
@@ -45,3 +50,23 @@ def nfacctd_with_buffer(socket_buffer: int) -> Nfacctd:
     with open(collector.workdir / "nfacctd.conf", "a") as config:
         config.write(f"nfacctd_pipe_size: {socket_buffer}\n")
     return collector
+
+
+def nfdump_tcp_keys(collector: Nfcapd, address: str) -> Counter:
+    """Records per (src, dst, sport, dport, flowDirection) of the TCP flows of `address` that
+    nfcapd stored, addresses packed. nfdump prints one short line per record: a long soak's
+    records, parsed whole (tests/harness parse_raw), would not fit in memory."""
+    keys: Counter = Counter()
+    files = sorted(p for p in collector.flowdir.rglob("nfcapd.*") if "current" not in p.name)
+    for path in files:
+        with subprocess.Popen(["nfdump", "-q", "-r", str(path), "-o",
+                               "fmt:%sa|%da|%sp|%dp|%dir", f"proto tcp and host {address}"],
+                              stdout=subprocess.PIPE, text=True) as nfdump:
+            assert nfdump.stdout is not None
+            for line in nfdump.stdout:
+                src, dst, sport, dport, direction = (f.strip() for f in line.split("|"))
+                keys[(ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed,
+                      int(sport), int(dport), DIRECTIONS[direction])] += 1
+        if nfdump.returncode:
+            raise RuntimeError(f"nfdump -r {path} exited {nfdump.returncode}")
+    return keys
