@@ -238,15 +238,23 @@ class StateClient:
         self._buffer = b""
 
     def request(self, kind: str) -> dict:
+        closed = StateError(f"state socket {self.path}: the agent closed the connection")
         try:
             self._sock.sendall(json.dumps({"request": kind}).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            # The agent may answer and close before any request (a refused peer): what it
+            # said is still queued here and is the answer, so read it rather than the pipe.
+            pass
+        except OSError as exc:
+            raise StateError(f"state socket {self.path}: {exc.strerror or exc}") from None
+        try:
             while b"\n" not in self._buffer:
                 chunk = self._sock.recv(1 << 20)
                 if not chunk:
-                    raise StateError(f"state socket {self.path}: the agent closed the connection")
+                    raise closed
                 self._buffer += chunk
-        except (BrokenPipeError, ConnectionResetError):
-            raise StateError(f"state socket {self.path}: the agent closed the connection") from None
+        except ConnectionResetError:
+            raise closed from None
         except OSError as exc:
             raise StateError(f"state socket {self.path}: {exc.strerror or exc}") from None
         line, self._buffer = self._buffer.split(b"\n", 1)

@@ -173,10 +173,11 @@ class ElemOps:
             return None
         return self._value.raw
 
-    def restore(self, key: bytes, value: bytes) -> None:
-        """Put a value back unless the key was created again meanwhile (BPF_NOEXIST)."""
+    def restore(self, key: bytes, value: bytes) -> bool:
+        """Put a value back unless the key was created again meanwhile (BPF_NOEXIST): False
+        then. Raises BpfError E2BIG when the map filled up meanwhile."""
         ctypes.memmove(self._value, value, len(value))
-        self._call(BPF_MAP_UPDATE_ELEM, key, flags=1)
+        return self._call(BPF_MAP_UPDATE_ELEM, key, flags=1)
 
 
 class BatchReader:

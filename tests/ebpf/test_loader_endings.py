@@ -6,11 +6,16 @@ been counted since the read (that ACK would come back as a flow of its own)."""
 
 from __future__ import annotations
 
+import errno
 import time
 
+import pytest
+
 from ebpf import layout
+from ebpf.bpfsys import BpfError
 from ebpf.endings import SETTLE_NS, Endings
-from ebpf.flow_ends import Reported
+from ebpf.flow_ends import FlowEnds, Reported
+from ebpf.observation import EndCause
 
 TCP_ACK, TCP_FIN = 0x10, 0x01
 LAST_ACK = 9  # tcp_states.h: not a hand-over to a timewait socket
@@ -63,3 +68,51 @@ def test_hand_over_waits_for_both_fins_even_when_quiet():
     for kraw in reported:
         reported[kraw] = seen(kraw, read_ns - 2 * SETTLE_NS, TCP_FIN | TCP_ACK)
     assert [c for c, _, _ in endings.ready(reported, read_ns)] == [conn]
+
+
+class TakingFlows(FlowEnds):
+    """FlowEnds over a fake map whose put-back fails the way the kernel's can under churn."""
+
+    def __init__(self, restore_outcome: object) -> None:
+        self._restore_outcome = restore_outcome
+        self._elems = self
+        self._reported: dict[bytes, Reported] = {}
+        self._pending: list = []
+        self._offset_ns = 0
+        self.entries: dict[bytes, bytes] = {}
+
+    def lookup_and_delete(self, kraw: bytes) -> bytes | None:
+        return self.entries.pop(kraw, None)
+
+    def restore(self, kraw: bytes, raw: bytes) -> bool:
+        if isinstance(self._restore_outcome, BaseException):
+            raise self._restore_outcome
+        if self._restore_outcome:
+            self.entries[kraw] = raw
+        return bool(self._restore_outcome)
+
+    def _observation(self, seen: Reported, value: layout.FlowValue, offset: int, end):  # type: ignore[no-untyped-def]
+        return (seen.gen, value.packets, end)
+
+
+@pytest.mark.parametrize("outcome", [
+    BpfError(errno.E2BIG, "map full"),  # other flows filled the map between delete and put-back
+    False,  # a packet created the key again meanwhile (BPF_NOEXIST refused)
+])
+def test_a_newer_generation_that_cannot_go_back_is_reported_not_lost(outcome: object) -> None:
+    _, keys = connection()
+    flows = TakingFlows(outcome)
+    newer = layout.FlowValue(*([0] * 17))._replace(packets=7, gen=3)
+    flows.entries[keys[0]] = layout.FLOW_VAL.pack(*newer)
+    assert flows._take(keys[0], gen=2) is None  # not the generation asked for
+    assert flows._pending == [(3, 7, EndCause.NONE)]
+
+
+def test_a_newer_generation_goes_back_into_the_map() -> None:
+    _, keys = connection()
+    flows = TakingFlows(True)
+    newer = layout.FlowValue(*([0] * 17))._replace(packets=7, gen=3)
+    flows.entries[keys[0]] = raw = layout.FLOW_VAL.pack(*newer)
+    assert flows._take(keys[0], gen=2) is None
+    assert flows.entries == {keys[0]: raw} and flows._pending == []
+    assert flows._take(keys[0], gen=3) == newer

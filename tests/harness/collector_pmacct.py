@@ -283,7 +283,8 @@ class Nfacctd:
             text = self.output.read_text()
         except FileNotFoundError:
             return []
-        return parse_json_lines(text, self.primitives)
+        # The print plugin may be mid-line: only what ends in a newline is written.
+        return parse_json_lines(text[: text.rfind("\n") + 1], self.primitives)
 
     def sequence_messages(self) -> list[str]:
         return re.findall(r"expecting flow '\d+' but received '\d+'[^\n]*", self.log())

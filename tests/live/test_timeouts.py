@@ -10,6 +10,8 @@ keeps the two ends' records apart from those (tests/live/expect.py).
 
 from __future__ import annotations
 
+import math
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import pytest
 
 from tests.harness.collector_common import Flow
 from tests.harness.collectors import Nfcapd
-from tests.harness.netlab import NetLab
+from tests.harness.netlab import Endpoint, NetLab
 from tests.live.agent_process import AgentProcess, write_config
 from tests.live.conftest import require_live
 from tests.live.expect import (
@@ -40,7 +42,10 @@ TEMPLATE_REFRESH_S = 2
 # A request/response transfer: each round is at least one round trip, 2 x 40 ms through the wire.
 WIRE_DELAY_MS = 40
 ROUNDS = [(4 * KIB, 32 * KIB)] * 75
-EXPORT_WAIT_S = 10.0
+EXPORT_WAIT_S = 60.0  # a deadline only: the wait ends as soon as the records are out
+# How late after its active timeout the agent may export a record: its loop steps every 200 ms,
+# and a loaded machine delays the steps (records then cover longer periods, so fewer of them).
+STEP_LAG_S = 1.0
 
 
 @dataclass
@@ -89,6 +94,20 @@ def timeouts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Timeouts]:
             state.nfcapd.close()  # test_collector_restart's replacement, if it made one
 
 
+def wait_last_ack_delivered(endpoint: Endpoint, timeout: float = 60.0) -> None:
+    """Until no socket of `endpoint` waits in LAST-ACK: the peer's final ACK of each connection
+    has crossed the delayed wire and passed the capture (which sees a frame before TCP does).
+    A fixed sleep cannot know how long that takes on a loaded machine."""
+    argv = [*endpoint.prefix, "ss", "-Htan", "state", "last-ack", "src", endpoint.ipv4]
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
+        if not waiting.stdout.strip():
+            return
+        assert time.monotonic() < deadline, f"still in LAST-ACK:\n{waiting.stdout}"
+        time.sleep(0.02)
+
+
 def test_active_timeout_splits_a_long_transfer(timeouts: Timeouts) -> None:
     lab = timeouts.lab
     lab.impair(delay_ms=WIRE_DELAY_MS)
@@ -99,8 +118,9 @@ def test_active_timeout_splits_a_long_transfer(timeouts: Timeouts) -> None:
             exchange = lab.tcp(client=lab.host, server=lab.peer, version=4, rounds=ROUNDS,
                                ending="fin-client")
             duration = time.monotonic() - started
-            # The last ACK reaches the server one round trip after the processes are done.
-            time.sleep(4 * WIRE_DELAY_MS / 1000)
+            # The client closed first: the server holds LAST-ACK until the client's last ACK
+            # arrives, after both processes are done.
+            wait_last_ack_delivered(lab.peer)
     finally:
         lab.impair()
     expected = expected_records(exchange, lab.host, lab.peer, client_cap.flows(),
@@ -110,8 +130,12 @@ def test_active_timeout_splits_a_long_transfer(timeouts: Timeouts) -> None:
     timeouts.wait_exported(expected)
     timeouts.assert_agent_alive()
     timeouts.nfcapd.stop()
-    # >= 3 records per direction: a transfer of 3 active timeouts or more.
-    min_records = int(duration // ACTIVE_TIMEOUT_S)
+    # Each record but the last covers at least the active timeout and at most that plus the
+    # agent's step lag, so a direction's span (as captured: the processes' start-up, which
+    # `duration` includes, is not part of it) needs at least span / (timeout + lag) records.
+    span_s = min(want.truth.last_ms - want.truth.first_ms for want in expected) / 1000
+    min_records = math.ceil(span_s / (ACTIVE_TIMEOUT_S + STEP_LAG_S))
+    assert min_records >= 2, f"the captured transfer spans only {span_s:.1f} s"
     problems = diff_split("nfdump", timeouts.nfcapd.flows(), expected, min_records=min_records)
     assert not problems, "\n".join(problems)
 
@@ -146,6 +170,8 @@ def test_restarted_collector_decodes_within_the_refresh_interval(timeouts: Timeo
                                rounds=[(3000, 7000)], ending="fin-server")
             connections.append((time.monotonic() - restarted, exchange))
             time.sleep(0.2)
+        # The server closed first: the client holds LAST-ACK until the server's last ACK.
+        wait_last_ack_delivered(lab.host)
     client_flows, server_flows = client_cap.flows(), server_cap.flows()
     expected = [expected_records(exchange, lab.host, lab.peer, client_flows, server_flows)
                 for _, exchange in connections]

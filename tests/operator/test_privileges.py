@@ -106,8 +106,9 @@ class UdpCollector:
         self.sock.close()
 
 
-def serve_bytes(payload: int) -> tuple[int, threading.Thread]:
-    """A loopback TCP server that sends `payload` bytes to its first client and closes."""
+def serve_bytes(payload: int, hold: threading.Event) -> tuple[int, threading.Thread]:
+    """A loopback TCP server that sends `payload` bytes to its first client, then keeps the
+    connection open until `hold` is set (so that it is still live while `top` looks)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -115,6 +116,7 @@ def serve_bytes(payload: int) -> tuple[int, threading.Thread]:
     def run() -> None:
         conn, _ = listener.accept()
         conn.sendall(b"x" * payload)
+        hold.wait(timeout=300)
         conn.close()
         listener.close()
 
@@ -123,13 +125,32 @@ def serve_bytes(payload: int) -> tuple[int, threading.Thread]:
     return listener.getsockname()[1], thread
 
 
-def fetch(port: int, expected: int) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-        got = 0
-        while chunk := client.recv(65536):
-            got += len(chunk)
-    assert got == expected
+def receive(client: socket.socket, expected: int) -> int:
+    """Reads `expected` bytes, or to the end of the stream when expected is 0."""
+    got = 0
+    while expected == 0 or got < expected:
+        chunk = client.recv(65536)
+        if not chunk:
+            break
+        got += len(chunk)
     return got
+
+
+def top_until_shown(state_path: str, wanted: str, seconds: float) -> str:
+    """`flowbridge top --once` until its frame shows `wanted`: starting a CLI process takes
+    seconds on a loaded machine, so the wait is a deadline, not a number of tries."""
+    shown = ""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            [*flowbridge_argv(), "top", "--once", "--interval", "0.3", "--limit", "200",
+             "--state-socket", state_path], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        shown = out.stdout
+        if wanted in shown:
+            break
+        time.sleep(0.5)
+    return shown
 
 
 def address(value: object) -> str:
@@ -143,7 +164,7 @@ def test_agent_dropped_to_nobody_still_counts_serves_and_exports(tmp_path: Path)
     collector = UdpCollector()
     state_path = str(tmp_path / "state" / "state.sock")
     args = ["--collector", f"127.0.0.1:{collector.port}", "--user", "nobody",
-            "--state-socket", state_path, "--idle-timeout", "1", "--active-timeout", "30"]
+            "--state-socket", state_path, "--idle-timeout", "60", "--active-timeout", "300"]
     try:
         with AgentProcess(args) as agent:
             agent.wait_ready(timeout=120)
@@ -154,29 +175,24 @@ def test_agent_dropped_to_nobody_still_counts_serves_and_exports(tmp_path: Path)
             assert effective_capabilities(agent.process.pid) == 0
             assert "dropped privileges: now uid" in agent.log()
 
+            # The connection stays open until `top` has seen it: a flow leaves top's table
+            # 3 s after it ends, less than a `top` process may need to start under load.
             payload = 300_000
-            port, server = serve_bytes(payload)
-            fetch(port, payload)
-            server.join(timeout=10)
-
-            # `top` sees the connection through the state socket of the dropped agent.
-            shown = ""
-            for _ in range(20):
-                out = subprocess.run(
-                    [*flowbridge_argv(), "top", "--once", "--interval", "0.3", "--limit", "200",
-                     "--state-socket", state_path], capture_output=True, text=True, timeout=60)
-                assert out.returncode == 0, out.stderr
-                shown = out.stdout
-                if f"127.0.0.1:{port}" in shown:
-                    break
-                time.sleep(0.5)
+            hold = threading.Event()
+            port, server = serve_bytes(payload, hold)
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+                assert receive(client, payload) == payload
+                shown = top_until_shown(state_path, f"127.0.0.1:{port}", seconds=120)
+                hold.set()
+                assert receive(client, 0) == 0  # the server's FIN and nothing more
+            server.join(timeout=30)
             assert f"127.0.0.1:{port}" in shown, shown
             assert f"agent pid {agent.process.pid}" in shown
 
             # The export: the server's direction of the connection, counted after the drop.
-            deadline = time.time() + 30
+            deadline = time.monotonic() + 60
             sent: list[dict] = []
-            while time.time() < deadline and not sent:
+            while time.monotonic() < deadline and not sent:
                 sent = [r for r in collector.records if r.get("sourceTransportPort") == port
                         and r.get("protocolIdentifier") == 6 and r.get("flowDirection") == 1
                         and address(r.get("destinationIPv4Address")) == "127.0.0.1"]

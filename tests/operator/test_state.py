@@ -153,9 +153,14 @@ def test_other_users_are_refused_by_peer_credentials(table: FlowTable) -> None:
 
 
 def _connect_as_nobody(path: str) -> dict:
+    # The agent refuses at accept and closes, possibly before the request is written: a
+    # broken pipe then is expected, and the refusal is still there to read (as StateClient does).
     code = (
-        "import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
-        "s.sendall(b'{\"request\":\"snapshot\"}\\n');print(s.recv(65536).decode())"
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1])\n"
+        "try:\n    s.sendall(b'{\"request\":\"snapshot\"}\\n')\n"
+        "except BrokenPipeError:\n    pass\n"
+        "print(s.recv(65536).decode())\n"
     )
     # The real interpreter: a virtualenv may sit in a directory nobody cannot enter (tox: 0700).
     out = subprocess.run([os.path.realpath(sys.executable), "-S", "-c", code, path], user=65534,
@@ -163,6 +168,25 @@ def _connect_as_nobody(path: str) -> dict:
                          timeout=20, cwd="/")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def test_client_reads_a_refusal_sent_before_its_request(tmp_path: Path) -> None:
+    """An agent that refuses a peer answers at once and closes: the client's request then
+    meets a closed socket, and the refusal must still be what the user sees."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = tmp_path / "refusing.sock"
+    listener.bind(str(path))
+    listener.listen(1)
+    try:
+        client = StateClient(str(path), timeout=5)
+        conn, _ = listener.accept()
+        conn.sendall(b'{"flowbridge": 1, "error": "uid 1000 may not read the agent\'s state"}\n')
+        conn.close()  # before the client sends anything: its send gets EPIPE
+        with pytest.raises(StateError, match="the agent says: uid 1000 may not read"):
+            client.request("snapshot")
+        client.close()
+    finally:
+        listener.close()
 
 
 def test_top_once_reads_an_agent(server: StateServer) -> None:

@@ -48,6 +48,7 @@ SOCKET_BUFFER = 4 << 20  # the collectors' (net.core.rmem_max here): bursts afte
 LONG_FLOWS = 4
 ACTIVE_TIMEOUT_S = 10
 IDLE_TIMEOUT_S = 5
+SLICE_STRETCH = 1.25  # how much longer than the active timeout a slice may be
 RSS_MARGIN_KIB = 8 * 1024  # Python's allocator keeps arenas; a leak grows past this
 RSS_MARGIN_RATIO = 0.10
 FD_MARGIN = 8
@@ -199,8 +200,10 @@ def test_every_connection_exported(soak: Soak) -> None:
 
 
 def test_long_flows_exported_in_active_timeout_slices(soak: Soak) -> None:
+    """A slice ends at the first sweep after the active timeout: slices are a little longer than
+    the timeout on a busy VM (seen: 115 slices in 1200 s at 10 s), never much longer."""
     have = soak.records
-    slices = int(soak.seconds // ACTIVE_TIMEOUT_S) - 1
+    slices = int(soak.seconds // (ACTIVE_TIMEOUT_S * SLICE_STRETCH))
     for flow in soak.long_flows:
         for keys in flow.keys().values():
             counts = [have[k] for k in keys]
