@@ -154,7 +154,7 @@ class FlowCollector(FlowEnds):
 
     def release(self, keys: list[FlowKey]) -> None:
         cookies = {state.ns.inode: state.cookie for state in self._attacher.namespaces.values()}
-        now_ms = epoch_offset_ns()
+        offset = self._offset_ns  # the poll's: every record of a step converts times alike
         for key in keys:
             cookie = cookies.get(key.netns)
             if cookie is None:
@@ -170,9 +170,9 @@ class FlowCollector(FlowEnds):
                 # Counted after the last poll: report the remainder as a new flow (all of it
                 # when the entry holds a generation no poll read: a newer connection).
                 if seen.value is not None and seen.gen == value.gen:
-                    obs = self._remainder(seen, value, now_ms)
+                    obs = self._remainder(seen, value, offset)
                 else:
-                    obs = self._observation(seen, value, now_ms, EndCause.NONE)
+                    obs = self._observation(seen, value, offset, EndCause.NONE)
                 if obs is not None:
                     self._pending.append(obs)
 

@@ -65,23 +65,13 @@ class FlowEnds:
         if gen is None or value.gen == gen:
             return value
         try:
-            restored = self._elems.restore(kraw, raw)
+            self._elems.restore(kraw, raw)
         except BpfError as exc:
+            # Other flows filled the map between the delete and the put-back (churn on other
+            # CPUs): the newer connection's counts so far are lost, but a poll must not die of
+            # it (it did, with E2BIG, under a flood of connections).
             if exc.errno != errno.E2BIG:
                 raise
-            restored = False
-        if not restored:
-            # Between the delete and the put-back a packet created the key again, or other
-            # flows filled the map (churn on other CPUs): the newer connection's counts so far
-            # cannot go back, so they are reported now rather than lost; its later packets
-            # count in the new entry, which the agent's cache takes as a counter restart.
-            current = self._reported.get(kraw)
-            if current is None or current.gen != value.gen:
-                parts = layout.key_parts(kraw)
-                current = Reported(parts, layout.conn_of(parts), gen=value.gen)
-            obs = self._observation(current, value, self._offset_ns, EndCause.NONE)
-            if obs is not None:
-                self._pending.append(obs)
         return None
 
     def _retire(self, kraw: bytes, value: layout.FlowValue, out: list[FlowObservation]) -> None:
