@@ -75,6 +75,11 @@ class AgentCollector:
             "tcp_connects", "TCP connections established", lambda e: e.transport.stats.connects
         )
         yield per_collector(
+            "resent_messages",
+            "Messages a lost TCP connection never acknowledged, sent again on the next",
+            lambda e: e.transport.stats.messages_resent,
+        )
+        yield per_collector(
             "tls_handshake_failures",
             "TLS handshakes failed or refused (certificate verification, alerts)",
             lambda e: e.transport.stats.tls_failures,

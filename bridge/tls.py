@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from bridge.config import CollectorConfig
 from bridge.errors import UserError
-from bridge.transport import TcpTransport
+from bridge.tcp_transport import TcpTransport
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
@@ -236,7 +236,11 @@ class TlsTransport(TcpTransport):
             return None
         return None
 
-    def _drop_connection(self) -> bool:
+    def _drop_connection(self, take_back: bool = True) -> bool:
+        self._handshaking = False
+        return super()._drop_connection(take_back)
+
+    def _close_socket(self) -> None:
         sock = self.socket
         if self._connected and isinstance(sock, ssl.SSLSocket):
             try:  # close_notify, so the collector sees an orderly end; never wait for its reply
@@ -244,8 +248,7 @@ class TlsTransport(TcpTransport):
                 sock.unwrap()
             except (OSError, ValueError):
                 pass
-        self._handshaking = False
-        return super()._drop_connection()
+        super()._close_socket()
 
 
 def open_tls_transport(config: CollectorConfig, **tcp_options: object) -> TlsTransport:

@@ -4,12 +4,14 @@ backlog bounded and counted, IPv6 and source addresses."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
 from bridge.addresses import parse_hostport
 from bridge.errors import UserError
-from bridge.transport import TcpTransport, open_transport
+from bridge.tcp_transport import TcpTransport, UnacknowledgedWindow
+from bridge.transport import open_transport
 
 from .helpers import FakeClock
 
@@ -189,6 +191,49 @@ def test_tcp_reconnects_after_the_collector_closes_and_resends_templates():
     finally:
         transport.close()
         listener.close()
+
+
+def test_tcp_message_written_into_a_dead_connection_is_sent_again():
+    clock = FakeClock()
+    listener = Listener()
+    transport = tcp(listener.port, clock)
+    try:
+        transport.send(b"m1", 1)
+        transport.flush(timeout=1)
+        first = listener.accept()
+        assert read_exactly(first, 4) == b"T1m1"
+        first.close()  # the collector is killed before the agent looks at the connection
+        assert transport.send(b"m2", 1) and transport.connected  # TCP takes it all the same
+        time.sleep(0.1)  # the collector's kernel answers m2 with a reset, not an ACK
+        transport.flush()
+        assert not transport.connected
+        assert transport.stats.messages_resent == 1 and transport.backlog_messages == 1
+        clock.advance(1)
+        transport.flush(timeout=1)
+        second = listener.accept()
+        # m1 was acknowledged: it is not sent twice; m2 was not: it follows the new templates.
+        assert read_exactly(second, 4) == b"T2m2"
+        assert transport.stats.messages_dropped == 0
+    finally:
+        transport.close()
+        listener.close()
+
+
+def test_unacknowledged_window_takes_back_every_message_in_the_unacknowledged_tail():
+    window = UnacknowledgedWindow()
+    for message in (b"a" * 10, b"b" * 10, b"c" * 10):
+        window.add(message, 1)
+    window.forget_acknowledged(25)  # 'a' reaches into the last 25 bytes: kept
+    assert len(window) == 3
+    window.forget_acknowledged(20)
+    assert [m[:1] for m, _ in window.messages] == [b"b", b"c"]
+    # TLS counts ciphertext: more unacknowledged bytes than the window holds takes it all.
+    assert [m[:1] for m, _ in window.take_unacknowledged(1000)] == [b"b", b"c"]
+    assert len(window) == 0 and window.bytes == 0
+    window.add(b"d" * 10, 1)
+    assert window.take_unacknowledged(0) == [] and window.bytes == 0
+    window.add(b"e" * 10, 1)
+    assert [m[:1] for m, _ in window.take_unacknowledged(1)] == [b"e"]
 
 
 def test_tcp_backlog_is_bounded_oldest_dropped_and_counted():

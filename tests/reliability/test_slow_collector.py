@@ -12,7 +12,7 @@ import tracemalloc
 from bridge.cache import FlowCache
 from bridge.config import CollectorConfig
 from bridge.exporter import Exporter
-from bridge.transport import TcpTransport
+from bridge.tcp_transport import TcpTransport
 from ebpf.observation import Direction, EndCause, FlowKey, FlowObservation
 from ipfix.decoder import Decoder
 
