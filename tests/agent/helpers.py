@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 
 from ebpf.observation import (
     Direction,
@@ -118,3 +119,30 @@ class Sink:
 
     def close(self) -> None:
         self.socket.close()
+
+
+def read_stream(conn: socket.socket, quiet: float = 0.3) -> bytes:
+    """Everything a TCP collector connection carries until it is quiet for `quiet` s or closed."""
+    conn.settimeout(quiet)
+    data = b""
+    while True:
+        try:
+            chunk = conn.recv(65536)
+        except TimeoutError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def split_ipfix(stream: bytes) -> list[bytes]:
+    """IPFIX over a stream: each message says its own length (RFC 7011 section 10.4). A message
+    still arriving is left out."""
+    messages = []
+    while len(stream) >= 4:
+        length = struct.unpack_from(">H", stream, 2)[0]
+        if length < 16 or len(stream) < length:
+            break
+        messages.append(stream[:length])
+        stream = stream[length:]
+    return messages

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import struct
 import time
 
 from bridge.agent import Agent
@@ -12,7 +11,7 @@ from bridge.synthetic import SyntheticSource
 from ebpf.observation import EndCause
 from ipfix.decoder import Decoder
 
-from .helpers import T0, FakeClock, Sink, key, obs
+from .helpers import T0, FakeClock, Sink, key, obs, read_stream, split_ipfix
 
 
 def agent_for(
@@ -44,28 +43,6 @@ def test_timeouts_through_the_agent_add_up():
     agent.shutdown(drain_seconds=0)
     assert source.closed
     sink.close()
-
-
-def split_ipfix(stream: bytes) -> list[bytes]:
-    messages = []
-    while len(stream) >= 4:
-        length = struct.unpack_from(">H", stream, 2)[0]
-        messages.append(stream[:length])
-        stream = stream[length:]
-    return messages
-
-
-def read_stream(conn: socket.socket, quiet: float = 0.3) -> bytes:
-    conn.settimeout(quiet)
-    data = b""
-    while True:
-        try:
-            chunk = conn.recv(65536)
-        except TimeoutError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 def decode_stream(data: bytes) -> list[dict]:

@@ -20,40 +20,13 @@ from bridge.messages import numbered_before
 from bridge.synthetic import SyntheticSource
 from ebpf.observation import EndCause
 from ipfix.decoder import Decoder
-from tests.agent.helpers import T0, FakeClock, key, obs
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _read(conn: socket.socket, quiet: float = 0.5) -> bytes:
-    conn.settimeout(quiet)
-    data = b""
-    while True:
-        try:
-            chunk = conn.recv(65536)
-        except TimeoutError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
-
-
-def _split(data: bytes) -> list[bytes]:
-    messages = []
-    while data:
-        length = struct.unpack_from(">H", data, 2)[0]
-        messages.append(data[:length])
-        data = data[length:]
-    return messages
+from tests.agent.helpers import T0, FakeClock, key, obs, read_stream, split_ipfix
+from tests.agent.test_run import free_port
 
 
 def test_sequence_runs_on_across_the_templates_of_a_new_connection() -> None:
     protocol = "ipfix"
-    port = _free_port()
+    port = free_port()
     clock = FakeClock(T0)
     collector = CollectorConfig(host="127.0.0.1", port=port, transport="tcp", protocol=protocol)
     agent = Agent(AgentConfig(collectors=(collector,), observation_domain_id=5),
@@ -76,7 +49,7 @@ def test_sequence_runs_on_across_the_templates_of_a_new_connection() -> None:
         conn, _ = listener.accept()
         with conn:
             agent.step(poll_ms=0)
-            stream = _read(conn)
+            stream = read_stream(conn, quiet=0.5)
     finally:
         agent.shutdown(drain_seconds=0)
         listener.close()
@@ -84,7 +57,7 @@ def test_sequence_runs_on_across_the_templates_of_a_new_connection() -> None:
     expected: dict[int, int] = {}
     records = 0
     problems = []
-    for message in _split(stream):
+    for message in split_ipfix(stream):
         [decoded] = decoder.feed(message, ("127.0.0.1", 1))
         assert decoded.unknown_template_sets == 0
         want = expected.get(decoded.domain_id)

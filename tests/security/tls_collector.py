@@ -6,12 +6,12 @@ from __future__ import annotations
 import selectors
 import socket
 import ssl
-import struct
 import threading
 import time
 from pathlib import Path
 
 from ipfix.decoder import DecodedMessage, Decoder
+from tests.agent.helpers import split_ipfix
 
 
 class TlsCollector:
@@ -113,19 +113,6 @@ class TlsCollector:
             for conn in self._open:
                 conn.close()
         self.listener.close()
-
-
-def split_ipfix(stream: bytes) -> list[bytes]:
-    """IPFIX over a stream: each message says its own length (RFC 7011 section 10.4). A message
-    still arriving is left out."""
-    messages = []
-    while len(stream) >= 4:
-        length = struct.unpack_from(">H", stream, 2)[0]
-        if length < 16 or len(stream) < length:
-            break
-        messages.append(stream[:length])
-        stream = stream[length:]
-    return messages
 
 
 def decode_stream(stream: bytes) -> list[DecodedMessage]:
