@@ -21,7 +21,7 @@ from bridge.synthetic import SyntheticSource
 from ebpf.observation import EndCause
 from ipfix.decoder import Decoder
 from tests.agent.helpers import T0, FakeClock, key, obs, read_stream, split_ipfix
-from tests.agent.test_run import free_port
+from tests.harness.agent_cli import free_port
 
 
 def test_sequence_runs_on_across_the_templates_of_a_new_connection() -> None:

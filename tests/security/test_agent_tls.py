@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.agent.helpers import Sink
-from tests.agent.test_run import (
+from tests.harness.agent_cli import (
     ENDED,
     FLOWBRIDGE,
     LIVE,

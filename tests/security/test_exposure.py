@@ -11,7 +11,7 @@ import pytest
 from bridge.config import Overrides, build_config
 from bridge.errors import UserError
 from tests.agent.helpers import Sink
-from tests.agent.test_run import (
+from tests.harness.agent_cli import (
     FLOWBRIDGE,
     LIVE,
     free_port,
