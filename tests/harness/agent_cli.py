@@ -71,7 +71,7 @@ def metrics(port: int, timeout: float = 10) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read()
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
             break
         except OSError:
             if time.monotonic() > deadline:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import socket
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from tests.harness.agent_cli import metrics
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -19,22 +20,7 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 
 def scrape(port: int, timeout: float = 30.0) -> dict[str, float]:
     """The agent's metrics as {'name{labels}': value}, once its endpoint answers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-                text = answer.read().decode()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+    return metrics(port, timeout)
 
 
 def per_collector(metrics: dict[str, float], name: str, port: int) -> float:

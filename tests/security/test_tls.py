@@ -4,7 +4,6 @@ handshake is counted and retried while messages wait, templates go first on ever
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import time
 import warnings
@@ -16,6 +15,7 @@ from bridge.errors import UserError
 from bridge.tls import TlsConfigError, TlsTransport, client_context
 from bridge.transport import open_collector_transport
 from tests.agent.helpers import FakeClock
+from tests.harness.agent_cli import free_port
 
 from .pki import SERVER_NAME, Pki, make_pki
 from .tls_collector import TlsCollector
@@ -24,14 +24,6 @@ from .tls_collector import TlsCollector
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("security-pki"))
-
-
-def free_port() -> int:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
 
 
 def tls_transport(port: int, clock: FakeClock, **settings) -> TlsTransport:
