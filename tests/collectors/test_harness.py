@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ipfix.profile import load_profile
+from ipfix.profile import V5_LAYOUT, load_profile
 from tests.collectors.streams import STREAM_SPECS
 from tests.conftest import require_tools
 from tests.harness.collectors import (
@@ -24,26 +24,7 @@ from tests.harness.collectors import (
     decode_with_tshark,
 )
 
-V5_FIELDS = (
-    "sourceIPv4Address",
-    "destinationIPv4Address",
-    "ipNextHopIPv4Address",
-    "ingressInterface",
-    "egressInterface",
-    "packetDeltaCount",
-    "octetDeltaCount",
-    "flowStartMilliseconds",
-    "flowEndMilliseconds",
-    "sourceTransportPort",
-    "destinationTransportPort",
-    "tcpControlBits",
-    "protocolIdentifier",
-    "ipClassOfService",
-    "bgpSourceAsNumber",
-    "bgpDestinationAsNumber",
-    "sourceIPv4PrefixLength",
-    "destinationIPv4PrefixLength",
-)
+V5_FIELDS = V5_LAYOUT
 
 
 def v5_records(count: int, now_ms: int) -> list[dict]:

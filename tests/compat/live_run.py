@@ -17,7 +17,6 @@ longer than several active timeouts; then MANY_CONNECTIONS short connections fro
 
 from __future__ import annotations
 
-import json
 import secrets
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ebpf.observation import Direction
+from tests.compat.bulk_events import BULK_SCRIPT, read_event
 from tests.compat.collector_set import Decoded, Station, parallel
 from tests.compat.matrix import FORMATS
 from tests.harness.netlab import Endpoint, NetLab
@@ -42,7 +42,6 @@ MANY_CONNECTIONS = 2000
 MANY_CONNECTIONS_GAP_MS = 1.0  # ~1000 connections/s: a busy host, not a flood of 30 collectors
 LONG_FLOW_CHUNKS, LONG_FLOW_INTERVAL_MS = 36, 200  # ~7 s: more than three active timeouts
 EXPORT_WAIT_S = 30.0
-BULK_SCRIPT = Path(__file__).resolve().parent / "bulk_traffic.py"
 STANDARD_PAIR = [("ipfix", "standard"), ("v9", "standard")]
 
 
@@ -74,28 +73,17 @@ class _Bulk:
         self.server = subprocess.Popen(
             [*lab.peer.prefix, sys.executable, str(BULK_SCRIPT), "server", "--name",
              f"fbbsrv-{tag}", *common], stdout=subprocess.PIPE, text=True)
-        ready = self._event(self.server, "ready")
+        ready = read_event(self.server, "ready")
         self.server_port = ready["port"]
         self.client = subprocess.Popen(
             [*lab.host.prefix, sys.executable, str(BULK_SCRIPT), "client", "--name",
              f"fbbcli-{tag}", "--port", str(ready["port"]), "--chunks", str(chunks),
              "--interval-ms", str(interval_ms), "--gap-ms", str(gap_ms), *common],
             stdout=subprocess.PIPE, text=True)
-        self.client_done = self._event(self.client, "done")
-        self.server_done = self._event(self.server, "done")
+        self.client_done = read_event(self.client, "done")
+        self.server_done = read_event(self.server, "done")
         self.client.wait(10)
         self.server.wait(10)
-
-    @staticmethod
-    def _event(process: subprocess.Popen[str], event: str) -> dict:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line:
-            process.wait(10)
-            raise RuntimeError(f"bulk_traffic.py exited {process.returncode} before '{event}'")
-        message = json.loads(line)
-        assert message["event"] == event, message
-        return message
 
     def reports(self) -> tuple[ProcReport, ProcReport]:
         def report(event: dict) -> ProcReport:

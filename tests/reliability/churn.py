@@ -8,18 +8,16 @@ leaving one namespace (egress) and entering the other (ingress).
 
 from __future__ import annotations
 
-import json
 import secrets
 import subprocess
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 
 from ebpf.observation import Direction
+from tests.compat.bulk_events import BULK_SCRIPT, read_event
 from tests.harness.collector_common import Flow
 from tests.harness.netlab import NetLab
 
-BULK_SCRIPT = Path(__file__).resolve().parent.parent / "compat" / "bulk_traffic.py"
 TCP = 6
 
 
@@ -37,7 +35,7 @@ class Churn:
         self._server = subprocess.Popen(
             [*lab.peer.prefix, sys.executable, str(BULK_SCRIPT), "server", "--name",
              f"fbfsrv-{tag}", *common], stdout=subprocess.PIPE, text=True)
-        self.server_port = int(self._event(self._server, "ready")["port"])
+        self.server_port = int(read_event(self._server, "ready")["port"])
         self._client = subprocess.Popen(
             [*lab.host.prefix, sys.executable, str(BULK_SCRIPT), "client", "--name",
              f"fbfcli-{tag}", "--port", str(self.server_port), "--chunks", str(chunks),
@@ -45,25 +43,13 @@ class Churn:
             stdout=subprocess.PIPE, text=True)
         self.ports: list[int] = []
 
-    @staticmethod
-    def _event(process: subprocess.Popen[str], event: str) -> dict:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line:
-            process.wait(10)
-            raise RuntimeError(f"bulk_traffic.py exited {process.returncode} before '{event}'")
-        message = json.loads(line)
-        if message.get("event") != event:
-            raise RuntimeError(f"bulk_traffic.py said {message}, expected '{event}'")
-        return message
-
     def running(self) -> bool:
         return self._client.poll() is None
 
     def wait(self, timeout_s: float = 300.0) -> list[int]:
         if not self.ports:
-            self.ports = list(self._event(self._client, "done")["ports"])
-            self._event(self._server, "done")
+            self.ports = list(read_event(self._client, "done")["ports"])
+            read_event(self._server, "done")
             self._client.wait(timeout_s)
             self._server.wait(timeout_s)
         return self.ports
