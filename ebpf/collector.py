@@ -8,6 +8,7 @@ counting design and its limits.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -45,8 +46,10 @@ class FlowCollector(FlowEnds):
         if max_flows < 16:
             raise EbpfUnavailable(f"max_flows={max_flows}: must be at least 16")
         self.max_flows = max_flows
+        self._max_socks = max(4096, max_flows)
+        self.existing_unwatched = 0  # pre-existing sockets the kernel's socket maps had no room for
         self.poll_interval_s = poll_interval_s
-        self._loaded = load(cgroup, max_flows, max_socks=max(4096, max_flows))
+        self._loaded = load(cgroup, max_flows, max_socks=self._max_socks)
         self._closed = False
         try:
             self._setup(cgroup)
@@ -184,6 +187,7 @@ class FlowCollector(FlowEnds):
             interfaces_attached=self._attacher.interface_count(),
             attach_errors=self._attacher.attach_errors,
             sockets_known=self._attr.known_sockets(),
+            existing_sockets_unwatched=self.existing_unwatched,
         )
         return SourceStats(
             flows_in_map=self._flows_in_map,
@@ -253,7 +257,7 @@ class FlowCollector(FlowEnds):
     def scan_existing(self) -> int:
         """Learn sockets that existed before attaching (sock_diag + /proc); returns how many."""
         owners = existing.socket_owners()
-        learned = 0
+        learned = unwatched = 0
         for state in list(self._attacher.namespaces.values()):
             try:
                 found = netns.run_in(state.ns, existing.scan_here)
@@ -269,14 +273,25 @@ class FlowCollector(FlowEnds):
                         sock.local_port, sock.remote_addr, sock.remote_port)
                 process = existing.process_of(pid, sock.uid)
                 self._attr.learn_existing(conn, sock, process)
-                if sock.protocol == TCP and sock.state != existing.TCP_LISTEN_STATE:
-                    bpfsys.update(self._watched_fd, layout.U64.pack(sock.cookie),
-                                  layout.U64.pack(state.cookie))
-                else:
-                    # Listeners and UDP sockets into the kernel maps: accepted connections
-                    # inherit the listener's process there, and their release is reported.
-                    self._register_socket(state.cookie, sock, process)
+                try:
+                    if sock.protocol == TCP and sock.state != existing.TCP_LISTEN_STATE:
+                        bpfsys.update(self._watched_fd, layout.U64.pack(sock.cookie),
+                                      layout.U64.pack(state.cookie))
+                    else:
+                        # Listeners and UDP sockets into the kernel maps: accepted connections
+                        # inherit the listener's process there, and their release is reported.
+                        self._register_socket(state.cookie, sock, process)
+                except bpfsys.BpfError as exc:
+                    if exc.errno != errno.E2BIG:
+                        raise
+                    unwatched += 1
                 learned += 1
+        if unwatched:
+            # Their packets are still counted; their ends come from the idle timeout.
+            self.existing_unwatched += unwatched
+            log.warning("%d sockets that existed before the agent did not fit the kernel's "
+                        "socket maps (%d entries): their flows end by the idle timeout",
+                        unwatched, self._max_socks)
         return learned
 
     # -- internals ------------------------------------------------------------------------------

@@ -4,13 +4,17 @@
                                                  socket-release event each in the ring buffer
     python kernel_load.py datagrams ADDR PORT N  one 64-byte datagram to each of PORT..PORT+N-1,
                                                  each from its own socket: N flows at once
+    python kernel_load.py hold N                 open N loopback TCP connections (2N sockets),
+                                                 say so, and hold them until stdin closes
 
-Prints one JSON line when done: {"event": "done", "count": N, "seconds": ...}.
+Prints one JSON line when done: {"event": "done", "count": N, "seconds": ...} (hold: when the
+connections are open, then waits).
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import sys
 import time
@@ -32,6 +36,19 @@ def datagrams(address: str, first_port: int, count: int) -> None:
         sock.close()
 
 
+def hold(count: int) -> list[socket.socket]:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    held = [listener]
+    for _ in range(count):
+        held.append(socket.create_connection(listener.getsockname()))
+        held.append(listener.accept()[0])
+    return held
+
+
 def main() -> None:
     started = time.monotonic()
     if sys.argv[1] == "sockets":
@@ -40,10 +57,17 @@ def main() -> None:
     elif sys.argv[1] == "datagrams":
         count = int(sys.argv[4])
         datagrams(sys.argv[2], int(sys.argv[3]), count)
+    elif sys.argv[1] == "hold":
+        count = int(sys.argv[2])
+        held = hold(count)
     else:
         raise SystemExit(f"unknown load {sys.argv[1]!r}")
     print(json.dumps({"event": "done", "count": count,
                       "seconds": round(time.monotonic() - started, 3)}), flush=True)
+    if sys.argv[1] == "hold":
+        sys.stdin.read()
+        for sock in held:
+            sock.close()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 without a count an operator (metrics) and a collector (exporter statistics) can see.
 
 Flow map full: the agent runs with `kernel_max_flows = 16` while one process in the lab sends a
-datagram to each of 300 ports at once. Packets that found no room are counted; the count reaches
+datagram to each of 300 ports at once. It starts while the lab holds more TCP connections than
+its socket maps take (4096 entries at that setting): it runs, and says how many did not fit.
+Packets that found no room are counted; the count reaches
 the metrics and the exporter statistics (ignoredPacketTotalCount, IE 164, in observation domain 0),
 and every lab packet is either in an exported record or in that count.
 
@@ -43,6 +45,8 @@ DATAGRAM_PORTS = (30000, 300)  # first port, how many
 RELEASED_SOCKETS = 180_000
 LATE_CONNECTIONS = 30
 IDLE_TIMEOUT_S = 3
+HELD_CONNECTIONS = 2100  # 4200 sockets: more than the 4096 socket-map entries of a small agent
+SOCKET_MAP_ENTRIES = 4096
 EXPORT_WAIT_S = 60.0
 
 
@@ -72,6 +76,23 @@ def _finish(run: LimitRun, agent: AgentProcess, metrics_port: int) -> None:
     run.agent_log = agent.log()
 
 
+@contextlib.contextmanager
+def held_connections(lab: NetLab, count: int) -> Iterator[None]:
+    """`count` idle TCP connections open in the lab's host namespace meanwhile."""
+    holder = subprocess.Popen([*lab.host.prefix, sys.executable, str(LOAD_SCRIPT), "hold",
+                               str(count)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline()
+        if not line:
+            raise RuntimeError(f"kernel_load.py hold exited {holder.wait(10)}")
+        assert json.loads(line)["count"] == count
+        yield
+    finally:
+        holder.communicate(timeout=60)  # stdin closed: the holder closes them and exits
+
+
 # -- flow map full -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -86,7 +107,8 @@ def map_full(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LimitRun]:
                               [{"address": f"127.0.0.1:{watcher.port}"}],
                               kernel_max_flows=KERNEL_MAX_FLOWS, idle_timeout=IDLE_TIMEOUT_S,
                               options_interval=1, metrics=f"127.0.0.1:{metrics_port}")
-        with AgentProcess(["--config", str(config)], workdir) as agent:
+        with held_connections(lab, HELD_CONNECTIONS), \
+                AgentProcess(["--config", str(config)], workdir) as agent:
             agent.wait_ready()
             first, count = DATAGRAM_PORTS
             run_load(lab, "datagrams", lab.peer.addr(4), str(first), str(count))
@@ -109,6 +131,13 @@ def test_map_full_agent_exits_cleanly(map_full: LimitRun) -> None:
     assert map_full.agent_status == 0, map_full.agent_log[-3000:]
     assert map_full.agent_problems == [], "\n".join(map_full.agent_problems)
     assert map_full.metrics["flowbridge_kernel_map_capacity"] == KERNEL_MAX_FLOWS
+
+
+def test_existing_sockets_beyond_the_socket_maps_are_counted(map_full: LimitRun) -> None:
+    unwatched = map_full.metrics['flowbridge_kernel{name="existing_sockets_unwatched"}']
+    held_sockets = 2 * HELD_CONNECTIONS
+    assert held_sockets - SOCKET_MAP_ENTRIES <= unwatched <= held_sockets, unwatched
+    assert "did not fit the kernel's socket maps" in map_full.agent_log
 
 
 def test_map_full_drops_are_counted_in_the_metrics(map_full: LimitRun) -> None:
