@@ -27,9 +27,7 @@ wrk cannot pace its rate, so the rate is the highest wrk reaches here, reported 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,9 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.cpu import tree_cpu_seconds
 from bench.nginx import Nginx, WrkResult, run_wrk
 from bench.peers import PEERS
+from bench.process import BenchProcess
+from bench.results import emit
 from ebpf import progstats
 
 BUDGET_MS_PER_1000 = 10.0  # 10% of one core at 10,000 connections/s
@@ -49,28 +48,15 @@ BUDGET_RATE_RATIO = 0.95
 SOCKET_BUFFER = 4 << 20
 
 
-def emit(name: str, value: float, unit: str, peer: str, peer_value: float) -> None:
-    ratio = value / peer_value if peer_value else None
-    print(
-        json.dumps(
-            {
-                "name": name,
-                "value": round(value, 3),
-                "unit": unit,
-                "peer": peer,
-                "peer_value": round(peer_value, 3),
-                "ratio": None if ratio is None else round(ratio, 4),
-            }
-        ),
-        flush=True,
-    )
 
 
-class Agent:
+class Agent(BenchProcess):
     """`flowbridge run` exporting to one collector; its log goes to a file."""
 
+    stop_timeout_s = 60.0  # on SIGTERM the agent ends every live flow (forced end), exports it
+
     def __init__(self, collector: tuple[str, int], workdir: Path) -> None:
-        self.log_path = workdir / "agent.log"
+        super().__init__(workdir / "agent.log")
         exe = Path(sys.executable).with_name("flowbridge")
         argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "bridge.cli"]
         self.argv = argv + [
@@ -84,7 +70,6 @@ class Agent:
             "--log-level",
             "info",
         ]
-        self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Agent:
         log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
@@ -98,30 +83,6 @@ class Agent:
             time.sleep(0.2)
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def cpu_seconds(self) -> float:
-        return tree_cpu_seconds(self.pid)
-
-    def log(self) -> str:
-        return self.log_path.read_bytes().decode(errors="replace")
-
-    def stop(self) -> None:
-        """SIGTERM: the agent ends every live flow (forced end) and exports it."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def records_by_side(flowdir: Path, server_port: int) -> dict[str, Counter[int]]:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import results
 from bridge.cli.generate import synthetic_records
 from ipfix.profile import load_profile
 from ipfix.session import ExportSession
@@ -236,15 +237,7 @@ def struct_floor(batch: list[dict]) -> float:
 
 
 def emit(name: str, value: float, peer: str | None, peer_value: float | None) -> None:
-    line = {
-        "name": name,
-        "value": round(value),
-        "unit": "records/s",
-        "peer": peer,
-        "peer_value": round(peer_value) if peer_value else None,
-        "ratio": round(value / peer_value, 2) if peer_value else None,
-    }
-    print(json.dumps(line), flush=True)
+    results.emit(name, value, "records/s", peer, peer_value, digits=0, ratio_digits=2)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.nginx import Nginx, WrkResult, run_wrk
+from bench.results import emit
 from ebpf import progstats
 from ebpf.observation import Direction, ObservationSource
 
@@ -167,21 +168,6 @@ def measured_round(
     return Round(result, load_cpu, check, kernel, collector_cpu)
 
 
-def emit(name: str, value: float, unit: str, peer: str, peer_value: float) -> None:
-    ratio = value / peer_value if peer_value else None
-    print(
-        json.dumps(
-            {
-                "name": name,
-                "value": round(value, 3),
-                "unit": unit,
-                "peer": peer,
-                "peer_value": round(peer_value, 3),
-                "ratio": None if ratio is None else round(ratio, 4),
-            }
-        ),
-        flush=True,
-    )
 
 
 def bench_mode(

@@ -14,16 +14,15 @@ expire-all`; pmacctd's nfprobe expires on its timeouts and flushes on SIGTERM).
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from bench.cpu import tree_cpu_seconds
+from bench.process import BenchProcess
 
 
-class CaptureExporter(ABC):
+class CaptureExporter(BenchProcess, ABC):
     """One packet-capture exporter as a context manager; `pid` is its main process."""
 
     name = ""
@@ -33,8 +32,7 @@ class CaptureExporter(ABC):
         self.collector = collector
         self.workdir = workdir / self.name
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / "log"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(self.workdir / "log")
 
     @classmethod
     def available(cls) -> bool:
@@ -57,30 +55,6 @@ class CaptureExporter(ABC):
         if self.process.poll() is not None:
             raise RuntimeError(f"{self.name} exited at start: {self.log()[-1500:]}")
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def cpu_seconds(self) -> float:
-        return tree_cpu_seconds(self.pid)
-
-    def log(self) -> str:
-        return self.log_path.read_bytes().decode(errors="replace")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class Softflowd(CaptureExporter):

@@ -18,7 +18,6 @@ must hold every flow.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -29,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.results import emit
 from bridge.agent import container_ids, tune_gc
 from bridge.cache import FlowCache
 from bridge.config import CollectorConfig
@@ -74,10 +74,7 @@ def observations(count: int, *, end: bool, tcp: bool = False) -> list[FlowObserv
 def result(
     name: str, value: float, unit: str, peer: str | None = None, peer_value: float | None = None
 ) -> None:
-    line = {"name": name, "value": round(value, 1), "unit": unit, "peer": peer}
-    line["peer_value"] = round(peer_value, 1) if peer_value else None
-    line["ratio"] = round(value / peer_value, 2) if peer_value else None
-    print(json.dumps(line), flush=True)
+    emit(name, value, unit, peer, peer_value, digits=1, ratio_digits=2)
 
 
 def pipeline(protocol: str, profile: str, flows: int, rounds: int) -> float:

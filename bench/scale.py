@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import resource
 import selectors
@@ -37,6 +36,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from bench.results import emit
 from ebpf.observation import Direction, FlowKey, FlowObservation, TcpHealth
 
 BUDGET_MB = 200.0
@@ -48,20 +48,7 @@ PER_LISTENER = 25_000  # below the 28,232 ephemeral ports of one (address, port)
 def result(
     name: str, value: float, unit: str, peer: str | None = None, peer_value: float | None = None
 ) -> None:
-    ratio = round(value / peer_value, 3) if peer_value else None
-    print(
-        json.dumps(
-            {
-                "name": name,
-                "value": round(value, 3),
-                "unit": unit,
-                "peer": peer,
-                "peer_value": peer_value,
-                "ratio": ratio,
-            }
-        ),
-        flush=True,
-    )
+    emit(name, value, unit, peer, peer_value, ratio_digits=3)
 
 
 def status_kb(field: str, pid: str = "self") -> int:
