@@ -58,10 +58,21 @@ def _bpf(cmd: int, attr: ctypes.Array) -> int:
 
 
 def prog_load(prog_type: int, insns: bytes, name: str, license_: bytes = b"GPL") -> int:
-    """Load already-relocated bytecode (map fds in place, as bcc emits it); returns the fd."""
+    """Load already-relocated bytecode (map fds in place, as bcc emits it); returns the fd.
+
+    Loaded without a verifier log (a program verified fine fails with ENOSPC when its log does
+    not fit the buffer); a failure is retried with the log, for its last line."""
+    try:
+        return _prog_load(prog_type, insns, name, license_, log_size=0)
+    except BpfError:
+        pass
+    return _prog_load(prog_type, insns, name, license_, log_size=1 << 24)
+
+
+def _prog_load(prog_type: int, insns: bytes, name: str, license_: bytes, log_size: int) -> int:
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license_)
-    log = ctypes.create_string_buffer(1 << 16)
+    log = ctypes.create_string_buffer(max(log_size, 1))
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
     struct.pack_into(
         "<IIQQIIQII16s",
@@ -71,9 +82,9 @@ def prog_load(prog_type: int, insns: bytes, name: str, license_: bytes = b"GPL")
         len(insns) // 8,
         ctypes.addressof(code),
         ctypes.addressof(lic),
-        1,
-        len(log),
-        ctypes.addressof(log),
+        1 if log_size else 0,
+        log_size,
+        ctypes.addressof(log) if log_size else 0,
         0,
         0,
         name.encode()[:15],

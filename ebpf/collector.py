@@ -1,9 +1,11 @@
 """FlowCollector: the eBPF ObservationSource the agent consumes.
 
 Live flows are read from the kernel's flow map in batches and reported when they changed since
-the last poll; ended flows (TCP close, socket release) arrive as ring buffer events, and their
-final counters are taken from the map and removed in one step. See ebpf/README.md for the
-counting design and its limits.
+the last poll. A TCP connection whose end the counting programs saw (both FINs acknowledged, or
+a RST) arrives finalised by the kernel: one ring buffer record with both directions' final
+counters, the entries already deleted. Other ends (socket release, a TCP close the kernel could
+not finalise) arrive as events, and their final counters are taken from the map and removed in
+one step. See ebpf/README.md for the counting design and its limits.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class FlowCollector(FlowEnds):
         self._rescanned = False
         self._retired_seen: dict[bytes, Reported] = {}
         self._retired_keys: set[bytes] = set()  # retired in this poll
+        self._final_keys: set[bytes] = set()  # finalised by the kernel, reported in this poll
+        self._deferred_finals: list[tuple[bytes, FlowObservation]] = []
         self._flows_in_map = 0
         self._offset_ns = epoch_offset_ns()
         self._stop = threading.Event()
@@ -104,6 +108,9 @@ class FlowCollector(FlowEnds):
         # reading the clocks per ended flow cost ~4% of the collector's CPU under churn.
         self._offset_ns = epoch_offset_ns()
         earlier, self._pending = self._pending, []
+        self._final_keys.clear()
+        if self._deferred_finals:
+            earlier += self._take_deferred_finals()
         out: list[FlowObservation | None] = []
         index: dict[bytes, int] = {}
         read_ns = time.monotonic_ns()
@@ -113,13 +120,22 @@ class FlowCollector(FlowEnds):
         self._retired_keys.clear()
         retired: list[FlowObservation] = []
         ended = []
+        finals = []
+        event_kind = layout.event_kind
         for item in raw:
-            if layout.event_kind(item) == layout.EV_FLOW_RETIRED:
+            kind = event_kind(item)
+            if kind == layout.EV_FLOW_FINAL:
+                finals.append(item)
+            elif kind == layout.EV_FLOW_RETIRED:
                 self._retire(*layout.decode_retired(item), retired)
             else:
                 ended.append(layout.decode_event(item))
         for event in ended:
             self._socket_ended(event, out, index)
+        # After the socket ends: a close the agent heard of comes before its connection's final
+        # record (the kernel sends the event only while the entries exist).
+        if finals:
+            self._finals(finals, out, index)
         for conn, cookie, gens in self._endings.ready(self._reported, read_ns):
             self._finish(cookie, [conn], out, index, gens)
         self._retired_seen.clear()

@@ -1,12 +1,15 @@
-"""When a TCP connection's flows are final.
+"""When a TCP connection's flows are final, for the connections the kernel does not finalise.
 
-The kernel tells us a TCP socket ended (SOCK_OPS state callback to CLOSE, or tcp_destroy_sock
-for sockets that existed before the agent), but that is not always the end of its packets: a
-socket closed by its application in FIN_WAIT1/FIN_WAIT2/CLOSING hands over to a timewait
-mini-socket, which still receives the peer's FIN and sends the last ACK. So a connection that
-closed from one of those states stays open here until both FINs (or a RST) went by and the
-flows were quiet for SETTLE_NS, or until tcp_fin_timeout passed. Other closes (LAST_ACK,
-SYN_SENT, ESTABLISHED on RST) end once the flows are quiet.
+Most TCP connections end in the kernel: the counting programs see both FINs acknowledged (or a
+RST), send the final counters and delete the entries (ebpf/flows.bpf.c track_end). The agent
+hears of a socket's end only when that cannot happen on its own: SOCK_OPS reports a close while
+the connection's entries exist and the socket did not hand over to a timewait socket (SYN_SENT
+and LAST_ACK timeouts, a close just before an abortive RST), and tcp_destroy_sock reports the
+sockets that existed before the agent. A socket closed in FIN_WAIT1/FIN_WAIT2/CLOSING (old
+state unknown included) hands over to a timewait mini-socket, which still receives the peer's
+FIN and sends the last ACK: such a connection stays open here until both FINs (or a RST) went by
+and the flows were quiet for SETTLE_NS, or until tcp_fin_timeout passed. Other closes end once
+the flows are quiet. A final record arriving meanwhile cancels the wait (FlowEnds._finals).
 """
 
 from __future__ import annotations
@@ -61,6 +64,14 @@ class Endings:
         self.closing[conn] = Closing(cookie, handover, deadline, gens, layout.kernel_keys_of(conn))
         self._cookies[cookie] = self._cookies.get(cookie, 0) + 1
         return replaced
+
+    def cancel(self, conn: ConnId) -> int | None:
+        """The kernel finalised conn itself: stop waiting; returns its cookie if it waited."""
+        closing = self.closing.pop(conn, None)
+        if closing is None:
+            return None
+        self._drop_cookie(closing.cookie)
+        return closing.cookie
 
     def has_cookie(self, cookie: int) -> bool:
         return cookie in self._cookies

@@ -11,12 +11,29 @@ import time
 from dataclasses import dataclass
 
 from ebpf import layout
+from ebpf.attribution import INITIATED_BY_ORIGIN
 from ebpf.bpfsys import BpfError
-from ebpf.layout import ConnId
-from ebpf.observation import Direction, EndCause, FlowKey, FlowObservation, ProcessInfo
+from ebpf.layout import (
+    DIRECTIONS,
+    FINAL_REVERSE,
+    FINAL_VALUE,
+    V_IFINDEX,
+    V_TCP_FLAGS,
+    ConnId,
+)
+from ebpf.observation import (
+    Direction,
+    EndCause,
+    FlowKey,
+    FlowObservation,
+    ProcessInfo,
+    TcpHealth,
+)
 
 TCP, UDP = 6, 17
 TCP_FIN, TCP_RST = 0x01, 0x04
+NS_PER_MS = 1_000_000
+FLOW_KEY_PACK = layout.FLOW_KEY.pack
 
 
 @dataclass(slots=True)
@@ -100,6 +117,109 @@ class FlowEnds:
         else:
             out.append(obs)
             self._retired_keys.add(kraw)
+
+    def _finals(self, records: list[bytes], out: list[FlowObservation],
+                index: dict[bytes, int]) -> None:
+        """TCP connections the kernel finalised (EV_FLOW_FINAL): a record holds both directions'
+        final counters and the sending process, and the entries are gone already. No map
+        operation here, and state only for a connection a poll saw live or whose socket's
+        close came first (ebpf/flows.bpf.c: close_needs_agent)."""
+        offset = self._offset_ns
+        reported = self._reported
+        closing = self._endings.closing
+        inodes = self._attacher.cookie_to_inode
+        attr = self._attr
+        unpack, key_bytes, pack_key = layout.FINAL.unpack, layout.FINAL_KEY_BYTES, FLOW_KEY_PACK
+        for raw in records:
+            f = unpack(raw)
+            netns, saddr, daddr, sport, dport, proto, ipver, direction = f[2:FINAL_VALUE]
+            if ipver == 4:
+                saddr, daddr = saddr[:4], daddr[:4]
+            kraw = raw[key_bytes]
+            twin = pack_key(netns, daddr, saddr, dport, sport, proto, ipver, 1 - direction)
+            value = f[FINAL_VALUE:FINAL_REVERSE]
+            reverse = f[FINAL_REVERSE:] if f[1] else None
+            if direction == Direction.EGRESS:
+                egress, ingress = value, reverse
+                conn = (netns, proto, ipver, saddr, sport, daddr, dport)
+            else:
+                egress, ingress = reverse, value
+                conn = (netns, proto, ipver, daddr, dport, saddr, sport)
+            if egress is not None:
+                (_, _, _, _, sent, cookie, cgroup_id, retrans_packets, retrans_bytes, _, _,
+                 srtt_us, min_rtt_us, snd_cwnd, state, _, _, _, _, tgid, uid, origin,
+                 comm) = egress
+            else:
+                sent = cookie = srtt_us = snd_cwnd = origin = 0
+            resolved = not origin
+            if resolved:  # a socket older than the agent: the start-up scan knows it
+                cookie, process, initiated = attr.resolve(conn, cookie)
+            else:
+                process = layout.process_info(tgid, uid, cgroup_id, comm)
+                initiated = INITIATED_BY_ORIGIN.get(origin)
+            if srtt_us or snd_cwnd:
+                health = TcpHealth(retrans_packets, retrans_bytes, srtt_us, min_rtt_us,
+                                   snd_cwnd, state)
+            else:
+                health = attr.health(conn)
+            # Forget what a live read, the socket map read or an earlier close event kept of the
+            # connection and its socket (a TCP socket has one connection).
+            seen = reported.pop(kraw, None)
+            if reported.pop(twin, None) is not None or seen is not None or resolved:
+                attr.forget_conn(conn)
+            if cookie:
+                attr.forget_cookie(cookie)
+            if closing and conn in closing:
+                waited = self._endings.cancel(conn)
+                if waited is not None and not self._endings.has_cookie(waited):
+                    attr.forget_cookie(waited)
+            if process is None and attr.scoped:
+                continue
+            received = ingress[V_TCP_FLAGS] if ingress is not None else 0
+            cause = _cause_from_flags(sent, received)
+            inode = inodes.get(netns)
+            if inode is None:
+                inode = self._netns_inode(netns)
+            key = FlowKey(inode, DIRECTIONS[direction], ipver, proto, saddr, daddr, sport, dport)
+            self._final_out(kraw, key, value, offset, cookie, process, health, cause, initiated,
+                            out, index)
+            if reverse is not None:
+                key = FlowKey(inode, DIRECTIONS[1 - direction], ipver, proto, daddr, saddr,
+                              dport, sport)
+                self._final_out(twin, key, reverse, offset, cookie, process, health, cause,
+                                initiated, out, index)
+
+    def _final_out(self, kraw: bytes, key: FlowKey, value: tuple, offset: int, cookie: int,
+                   process: ProcessInfo | None, health: TcpHealth | None, cause: EndCause,
+                   initiated: bool | None, out: list[FlowObservation],
+                   index: dict[bytes, int]) -> None:
+        """One direction of a finalised connection (value: its struct flow_val fields)."""
+        octets, packets, first_ns, last_ns, flags = value[:5]
+        obs = FlowObservation(
+            key, value[V_IFINDEX], octets, packets, flags & 0xFF,
+            (first_ns + offset) // NS_PER_MS, (last_ns + offset) // NS_PER_MS, cookie, process,
+            health, cause, initiated,
+        )
+        # One ending per key and poll (see FlowCollector.poll): later ones wait for a later poll.
+        if kraw in index or kraw in self._retired_keys or kraw in self._final_keys:
+            self._deferred_finals.append((kraw, obs))
+        else:
+            self._final_keys.add(kraw)
+            index[kraw] = len(out)
+            out.append(obs)
+
+    def _take_deferred_finals(self) -> list[FlowObservation]:
+        """Finals a key clash held back: the oldest one per key goes out in this poll."""
+        waiting, self._deferred_finals = self._deferred_finals, []
+        taken = self._final_keys
+        now = []
+        for key, obs in waiting:
+            if key in taken:
+                self._deferred_finals.append((key, obs))
+            else:
+                taken.add(key)
+                now.append(obs)
+        return now
 
     def _finish(self, cookie: int, conns, out: list[FlowObservation],
                 index: dict[bytes, int], gens: dict[bytes, int] | None = None) -> None:

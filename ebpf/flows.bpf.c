@@ -36,6 +36,10 @@
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
 #define TCP_RST 0x04
+#define TCP_ACK 0x10
+#define TCP_STATE_FIN_WAIT1 4
+#define TCP_STATE_FIN_WAIT2 5
+#define TCP_STATE_CLOSING 11
 #define TCP_STATE_CLOSE 7
 #define TCP_STATE_LISTEN 10
 #define TCX_NEXT_ -1
@@ -81,7 +85,19 @@ struct flow_val {
     __u32 state;
     __u32 seq_valid;
     __u32 gen;             // bumped when a new connection reuses the key (see retire)
+    __u32 peer_fin_end;    // TCP: sequence number after the other direction's FIN
+    __u32 fin_state;       // FIN_* bits below
+    // The sending socket's process (TCP, copied from `socks` when the cookie changes), so
+    // that a connection the kernel finalises carries it after its socket is gone.
+    __u32 tgid;
+    __u32 uid;
+    __u32 origin;          // sock_info.origin; 0: unknown
+    __u32 pad;
+    char comm[16];
 };
+
+#define FIN_PEER_SENT 1   // the other direction sent a FIN ending at peer_fin_end
+#define FIN_PEER_ACKED 2  // this direction acknowledged it
 
 struct sock_info {
     __u64 netns;
@@ -121,6 +137,7 @@ struct frag_ports {
 #define EV_TCP_DESTROY 2
 #define EV_SOCK_RELEASE 3
 #define EV_FLOW_RETIRED 4
+#define EV_FLOW_FINAL 5
 
 struct event {
     __u32 kind;
@@ -144,6 +161,16 @@ struct retired {
     __u32 pad;
     struct flow_key key;
     struct flow_val val;
+};
+
+// A TCP connection is over (both FINs acknowledged, or a RST): the final counters of the
+// direction whose packet ended it and of the other direction, whose entries are deleted.
+struct final {
+    __u32 kind;
+    __u32 has_reverse;
+    struct flow_key key;
+    struct flow_val val;
+    struct flow_val reverse;
 };
 
 // Counters visible to the agent; every loss lands here.
@@ -188,6 +215,7 @@ struct pkt {
     __u32 hdr_len;     // L3 + L4 header bytes, repeated in each GSO segment
     __u32 payload;     // L4 payload bytes (TCP sequence space)
     __u32 seq;
+    __u32 ack;
     __u8 tcp_flags;
     __u8 has_l4;
 };
@@ -216,6 +244,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto
         p->key.sport = ((__u16)b[0] << 8) | b[1];
         p->key.dport = ((__u16)b[2] << 8) | b[3];
         p->seq = ((__u32)b[4] << 24) | ((__u32)b[5] << 16) | ((__u32)b[6] << 8) | b[7];
+        p->ack = ((__u32)b[8] << 24) | ((__u32)b[9] << 16) | ((__u32)b[10] << 8) | b[11];
         p->tcp_flags = b[13];
         p->hdr_len += (b[12] >> 4) * 4;
         p->has_l4 = 1;
@@ -380,49 +409,51 @@ static __always_inline void retire(struct flow_key *key, struct flow_val *v, __u
     v->retrans_packets = 0;
     v->retrans_bytes = 0;
     v->seq_valid = 0;
+    v->fin_state = 0;
     v->gen += 1;
 }
 
-static __always_inline void account(struct __sk_buff *skb, struct pkt *p, __u8 direction,
-                                    __u64 packets, __u64 bytes, __u64 now)
+// The sending socket's process into the flow (TCP): the socket's `socks` entry goes when it
+// closes, often before the kernel finalises the connection's flows.
+static __always_inline void copy_process(struct flow_val *v, __u64 cookie)
 {
-    p->key.direction = direction;
-    struct flow_val *v = flow_entry(&p->key, now);
-    if (!v)
+    struct sock_info *info = socks.lookup(&cookie);
+    if (!info)
         return;
-    // A SYN on a flow that already saw FIN or RST: a new connection on a reused 5-tuple.
-    if ((p->tcp_flags & TCP_SYN) && (v->tcp_flags & (TCP_FIN | TCP_RST)) && p->key.proto == PROTO_TCP)
-        retire(&p->key, v, now);
-    __sync_fetch_and_add(&v->packets, packets);
-    __sync_fetch_and_add(&v->octets, bytes);
-    __u64 flags = p->tcp_flags;
-    if ((v->tcp_flags & flags) != flags)
-        __sync_fetch_and_or(&v->tcp_flags, flags);
-    v->last_ns = now;
-    v->ifindex = skb->ifindex;
-    if (direction != DIR_EGRESS)
-        return;
+    v->tgid = info->tgid;
+    v->uid = info->uid;
+    v->origin = info->origin;
+    __builtin_memcpy(v->comm, info->comm, sizeof(v->comm));
+}
 
+static __always_inline void egress_socket(struct __sk_buff *skb, struct pkt *p,
+                                          struct flow_val *v)
+{
     struct bpf_sock *sk = skb->sk;
-    if (sk) {
-        sk = bpf_sk_fullsock(sk);
-        if (sk) {
-            __u64 cookie = fb_socket_cookie(skb);
-            if (v->cookie != cookie) {  // the cgroup is the socket's: read once per socket
-                v->cookie = cookie;
-                v->cgroup_id = bpf_skb_cgroup_id(skb);
-            }
-            v->state = sk->state;
-            struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
-            if (tp) {
-                v->srtt_us = tp->srtt_us >> 3;  // tcp_sock keeps it scaled by 8
-                v->min_rtt_us = tp->rtt_min;
-                v->snd_cwnd = tp->snd_cwnd;
-            }
-        }
-    }
-    if (p->key.proto != PROTO_TCP || !p->has_l4)
+    if (!sk)
         return;
+    sk = bpf_sk_fullsock(sk);
+    if (!sk)
+        return;
+    __u64 cookie = fb_socket_cookie(skb);
+    if (v->cookie != cookie) {  // the cgroup and process are the socket's: read once per socket
+        v->cookie = cookie;
+        v->cgroup_id = bpf_skb_cgroup_id(skb);
+        if (p->key.proto == PROTO_TCP)
+            copy_process(v, cookie);
+    }
+    v->state = sk->state;
+    struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
+    if (tp) {
+        v->srtt_us = tp->srtt_us >> 3;  // tcp_sock keeps it scaled by 8
+        v->min_rtt_us = tp->rtt_min;
+        v->snd_cwnd = tp->snd_cwnd;
+    }
+}
+
+static __always_inline void track_retransmissions(struct pkt *p, struct flow_val *v,
+                                                  __u64 packets, __u64 bytes)
+{
     __u32 syn = (p->tcp_flags & TCP_SYN) ? 1 : 0;
     __u32 fin = (p->tcp_flags & TCP_FIN) ? 1 : 0;
     __u32 end = p->seq + p->payload + syn + fin;
@@ -440,6 +471,106 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, __u8 d
         v->seq_end = end;
         v->seq_valid = 1;
     }
+}
+
+static __always_inline void reverse_key(const struct flow_key *k, struct flow_key *r)
+{
+    r->netns = k->netns;
+    __builtin_memcpy(r->saddr, k->daddr, 16);
+    __builtin_memcpy(r->daddr, k->saddr, 16);
+    r->sport = k->dport;
+    r->dport = k->sport;
+    r->proto = k->proto;
+    r->ipver = k->ipver;
+    r->direction = k->direction == DIR_EGRESS ? DIR_INGRESS : DIR_EGRESS;
+    r->pad = 0;
+}
+
+// The connection is over: one record with both directions' final counters, and both entries
+// go, so that a late packet (a repeated ACK, a RST answering it) starts a fresh entry.
+static __always_inline void finalize(struct flow_key *key, struct flow_val *v,
+                                     struct flow_key *rkey, struct flow_val *rv)
+{
+    struct final *f = events.ringbuf_reserve(sizeof(struct final));
+    if (!f) {
+        // Entries kept: the socket's end event or the agent's idle timeout reports them.
+        count(CTR_EVENTS_LOST);
+        return;
+    }
+    f->kind = EV_FLOW_FINAL;
+    f->has_reverse = rv != 0;
+    f->key = *key;
+    __builtin_memcpy(&f->val, v, sizeof(struct flow_val));
+    if (rv)
+        __builtin_memcpy(&f->reverse, rv, sizeof(struct flow_val));
+    else
+        __builtin_memset(&f->reverse, 0, sizeof(struct flow_val));
+    events.ringbuf_submit(f, BPF_RB_NO_WAKEUP);
+    flows.delete(key);
+    if (rv)
+        flows.delete(rkey);
+}
+
+// TCP end of connection from its packets (this direction's entry v, the other's looked up
+// only for FIN and RST packets and the ACK of a FIN): a FIN tells the other direction's entry
+// where it ends, an ACK covering the other side's FIN marks it acknowledged, and the
+// connection is over once both FINs are acknowledged (simultaneous closes included) or at a
+// RST.
+static __always_inline void track_end(struct pkt *p, struct flow_val *v)
+{
+    __u8 flags = p->tcp_flags;
+    int acked_now = 0;
+    if ((flags & TCP_ACK) && (v->fin_state & (FIN_PEER_SENT | FIN_PEER_ACKED)) == FIN_PEER_SENT
+        && (__s32)(p->ack - v->peer_fin_end) >= 0) {
+        v->fin_state |= FIN_PEER_ACKED;
+        acked_now = 1;
+    }
+    if (!(flags & (TCP_FIN | TCP_RST)) && !(acked_now && (v->tcp_flags & TCP_FIN)))
+        return;
+    struct flow_key rkey;
+    reverse_key(&p->key, &rkey);
+    struct flow_val *rv = flows.lookup(&rkey);
+    if (flags & TCP_RST) {
+        finalize(&p->key, v, &rkey, rv);
+        return;
+    }
+    if (!rv)
+        return;
+    if ((flags & TCP_FIN) && !(rv->fin_state & FIN_PEER_SENT)) {
+        __u32 syn = (flags & TCP_SYN) ? 1 : 0;
+        rv->peer_fin_end = p->seq + p->payload + syn + 1;
+        rv->fin_state |= FIN_PEER_SENT;
+    }
+    if ((v->tcp_flags & TCP_FIN) && (v->fin_state & FIN_PEER_ACKED) &&
+        (rv->fin_state & FIN_PEER_ACKED))
+        finalize(&p->key, v, &rkey, rv);
+}
+
+static __always_inline void account(struct __sk_buff *skb, struct pkt *p, __u8 direction,
+                                    __u64 packets, __u64 bytes, __u64 now)
+{
+    p->key.direction = direction;
+    struct flow_val *v = flow_entry(&p->key, now);
+    if (!v)
+        return;
+    int tcp = p->key.proto == PROTO_TCP && p->has_l4;
+    // A SYN on a flow that already saw FIN or RST: a new connection on a reused 5-tuple.
+    if ((p->tcp_flags & TCP_SYN) && (v->tcp_flags & (TCP_FIN | TCP_RST)) && tcp)
+        retire(&p->key, v, now);
+    __sync_fetch_and_add(&v->packets, packets);
+    __sync_fetch_and_add(&v->octets, bytes);
+    __u64 flags = p->tcp_flags;
+    if ((v->tcp_flags & flags) != flags)
+        __sync_fetch_and_or(&v->tcp_flags, flags);
+    v->last_ns = now;
+    v->ifindex = skb->ifindex;
+    if (direction == DIR_EGRESS) {
+        egress_socket(skb, p, v);
+        if (tcp)
+            track_retransmissions(p, v, packets, bytes);
+    }
+    if (tcp)
+        track_end(p, v);
 }
 
 // l3: offset of the IP header; loopback: count as sent and received, one packet per skb
@@ -610,8 +741,64 @@ static __always_inline void inherit_listener(struct bpf_sock_ops *skops, __u64 c
     remember_socket(cookie, &info);
 }
 
+// The connection's egress flow key, as the counting programs build it (an IPv4-mapped IPv6
+// socket's packets are IPv4).
+static __always_inline void egress_key_of(struct bpf_sock_ops *skops, __u64 netns,
+                                          struct flow_key *k)
+{
+    k->netns = netns;
+    k->sport = skops->local_port;
+    k->dport = bpf_ntohl(skops->remote_port);
+    k->proto = PROTO_TCP;
+    k->direction = DIR_EGRESS;
+    if (skops->family == AF_INET_) {
+        __u32 l = skops->local_ip4, r = skops->remote_ip4;
+        __builtin_memcpy(k->saddr, &l, 4);
+        __builtin_memcpy(k->daddr, &r, 4);
+        k->ipver = 4;
+        return;
+    }
+    // Volatile: clang would merge two of these 4-byte context reads into one 8-byte read, which
+    // the verifier rejects.
+    __u32 l[4], r[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        l[i] = *(volatile __u32 *)&skops->local_ip6[i];
+        r[i] = *(volatile __u32 *)&skops->remote_ip6[i];
+    }
+    if (l[0] == 0 && l[1] == 0 && l[2] == bpf_htonl(0xffff)) {
+        __builtin_memcpy(k->saddr, &l[3], 4);
+        __builtin_memcpy(k->daddr, &r[3], 4);
+        k->ipver = 4;
+        return;
+    }
+    __builtin_memcpy(k->saddr, l, 16);
+    __builtin_memcpy(k->daddr, r, 16);
+    k->ipver = 6;
+}
+
+// Whether the agent must hear of this close. Not when the counting programs finalised the
+// connection already (its entries are gone: the last ACK or the RST passed before the socket
+// saw it), nor when the socket handed over to a timewait socket, whose exchange of the last
+// FIN and ACK the counting programs see and finalise. Everything else (SYN_SENT timeouts,
+// closes before an abortive RST, LAST_ACK timeouts) goes to the agent, which ends the flows
+// once they are quiet (ebpf/endings.py).
+static __always_inline int close_needs_agent(struct bpf_sock_ops *skops, __u64 netns)
+{
+    struct flow_key k = {};
+    egress_key_of(skops, netns, &k);
+    if (!flows.lookup(&k))
+        return 0;
+    __u32 old = skops->args[0];
+    return old != TCP_STATE_FIN_WAIT1 && old != TCP_STATE_FIN_WAIT2 && old != TCP_STATE_CLOSING;
+}
+
 static __always_inline void tcp_closed(struct bpf_sock_ops *skops, __u64 cookie, __u64 netns)
 {
+    if (!close_needs_agent(skops, netns)) {
+        socks.delete(&cookie);
+        return;
+    }
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(CTR_EVENTS_LOST);

@@ -13,8 +13,10 @@ from ebpf.observation import Direction, FlowKey, ProcessInfo
 
 # struct flow_key: netns cookie, saddr[16], daddr[16], sport, dport, proto, ipver, direction
 FLOW_KEY = struct.Struct("<Q16s16sHHBBBx")
-# struct flow_val
-FLOW_VAL = struct.Struct("<9Q8I")
+# struct flow_val: 9 u64 counters and ids, 13 u32 (the last five: peer_fin_end, fin_state, and
+# the sending process's tgid, uid, origin), padding, comm
+FLOW_VAL_FORMAT = "9Q13I4x16s"
+FLOW_VAL = struct.Struct("<" + FLOW_VAL_FORMAT)
 FLOW_VAL_LAST_NS_OFFSET = 24
 # struct sock_info: netns, cgroup_id, tgid, uid, bound_port, protocol, origin, comm
 SOCK_INFO = struct.Struct("<QQIIHBB4x16s")
@@ -29,6 +31,7 @@ EV_TCP_CLOSE = 1
 EV_TCP_DESTROY = 2
 EV_SOCK_RELEASE = 3
 EV_FLOW_RETIRED = 4
+EV_FLOW_FINAL = 5
 RETIRED_HEADER = struct.Struct("<I4x")
 
 CTR_NAMES = (
@@ -70,9 +73,27 @@ class FlowValue(NamedTuple):
     state: int
     seq_valid: int = 0
     gen: int = 0  # bumped when a new connection reuses the key
+    peer_fin_end: int = 0
+    fin_state: int = 0
+    tgid: int = 0  # the sending socket's process (egress TCP), when origin is not 0
+    uid: int = 0
+    origin: int = 0
+    comm: bytes = bytes(16)
 
 
 _make_value = FlowValue._make
+
+# struct final: kind, has_reverse, the key of the packet that ended the connection (netns,
+# saddr, daddr, sport, dport, proto, ipver, direction), its value, the other direction's value.
+# Decoded as one flat tuple, not a FlowValue per direction (two per ended connection cost a
+# third of the collector under churn): FINAL_VALUE / FINAL_REVERSE are where the values start,
+# V_* a field's place within a value (FlowValue's order).
+FINAL = struct.Struct("<IIQ16s16sHHBBBx" + FLOW_VAL_FORMAT + FLOW_VAL_FORMAT)
+FINAL_KEY_BYTES = slice(8, 8 + FLOW_KEY.size)
+FINAL_VALUE = 10
+FINAL_REVERSE = FINAL_VALUE + len(FlowValue._fields)
+V_TCP_FLAGS = FlowValue._fields.index("tcp_flags")
+V_IFINDEX = FlowValue._fields.index("ifindex")
 
 
 def decode_value(raw: bytes, offset: int = 0) -> FlowValue:
@@ -147,10 +168,7 @@ class SockInfo(NamedTuple):
 _processes: dict[tuple, ProcessInfo] = {}
 
 
-def decode_sock_info(raw: bytes, offset: int = 0) -> SockInfo | None:
-    netns, cgroup_id, tgid, uid, port, proto, origin, comm = SOCK_INFO.unpack_from(raw, offset)
-    if not origin:
-        return None
+def process_info(tgid: int, uid: int, cgroup_id: int, comm: bytes) -> ProcessInfo:
     # Thousands of sockets share a handful of processes: one ProcessInfo each.
     ident = (tgid, uid, cgroup_id, comm)
     process = _processes.get(ident)
@@ -159,7 +177,14 @@ def decode_sock_info(raw: bytes, offset: int = 0) -> SockInfo | None:
             _processes.clear()
         name = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
         process = _processes[ident] = ProcessInfo(tgid, name, uid, cgroup_id)
-    return SockInfo(netns, process, port, proto, origin)
+    return process
+
+
+def decode_sock_info(raw: bytes, offset: int = 0) -> SockInfo | None:
+    netns, cgroup_id, tgid, uid, port, proto, origin, comm = SOCK_INFO.unpack_from(raw, offset)
+    if not origin:
+        return None
+    return SockInfo(netns, process_info(tgid, uid, cgroup_id, comm), port, proto, origin)
 
 
 def decode_retired(raw: bytes) -> tuple[bytes, FlowValue]:
