@@ -21,7 +21,7 @@ and leave the cache as one pair, which bridge.records turns into one RFC 5103 re
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from enum import IntEnum
 
 from ebpf.observation import Direction, EndCause, FlowKey, FlowObservation
@@ -173,6 +173,10 @@ class FlowCache:
 
     def __len__(self) -> int:
         return len(self._flows)
+
+    def flow_keys(self) -> Iterator[FlowKey]:
+        """The key of every flow held."""
+        return (flow.key for flow in self._flows.values())
 
     def take_released(self) -> list[FlowKey]:
         """Keys the cache dropped on its own (idle, eviction): the source may free their state."""

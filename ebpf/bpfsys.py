@@ -28,6 +28,7 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_PROG_LOAD = 5
+BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_LINK_CREATE = 28
 BPF_PROG_TYPE_SCHED_CLS = 3
 
@@ -94,6 +95,34 @@ def _prog_load(prog_type: int, insns: bytes, name: str, license_: bytes, log_siz
     except BpfError as exc:
         detail = log.value.decode(errors="replace").strip().splitlines()[-1:] or [""]
         raise BpfError(exc.errno, f"{exc.strerror}: {detail[0]}") from None
+
+
+def map_name(map_fd: int) -> str:
+    """The name a map was created with (struct bpf_map_info.name, at most 15 characters)."""
+    info = ctypes.create_string_buffer(80)  # struct bpf_map_info up to its name and beyond
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("<IIQ", attr, 0, map_fd, len(info), ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return info.raw[24:40].split(b"\0", 1)[0].decode()
+
+
+def possible_cpus() -> int:
+    """How many values a per-CPU map holds per key: one per possible CPU."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        last = 0
+        for part in f.read().strip().split(","):
+            last = max(last, int(part.split("-")[-1]))
+    return last + 1
+
+
+def percpu_sums(map_fd: int, keys: int) -> list[int]:
+    """Per key 0..keys-1 of a per-CPU array of u64, the sum over CPUs."""
+    cpus = possible_cpus()
+    sums = []
+    for key in range(keys):
+        raw = lookup(map_fd, key.to_bytes(4, "little"), 8 * cpus) or bytes(8 * cpus)
+        sums.append(sum(struct.unpack(f"<{cpus}Q", raw)))
+    return sums
 
 
 def link_create(prog_fd: int, target: int, attach_type: int) -> int:

@@ -60,7 +60,6 @@ class FlowCollector(FlowEnds):
             raise
 
     def _setup(self, cgroup: str | None) -> None:
-        bpf = self._loaded.bpf
         fd = self._loaded.table_fd
         self._flows_fd = fd("flows")
         self._excluded_fd = fd("excluded")
@@ -78,7 +77,6 @@ class FlowCollector(FlowEnds):
         )
         self._cgroup_path = self._loaded.cgroup
         self._raw_events: list[bytes] = []
-        self._counters = bpf[b"counters"]
         self._ring = RingReader(fd("events"))
         self._reported: dict[bytes, Reported] = {}  # by kernel key
         self._conn_keys: dict[ConnId, set[bytes]] = {}
@@ -196,7 +194,8 @@ class FlowCollector(FlowEnds):
                     self._pending.append(obs)
 
     def stats(self) -> SourceStats:
-        totals = {name: int(self._counters.sum(i).value) for i, name in enumerate(layout.CTR_NAMES)}
+        sums = self._loaded.counter_totals(len(layout.CTR_NAMES))
+        totals = dict(zip(layout.CTR_NAMES, sums, strict=True))
         extra = {k: v for k, v in totals.items() if k not in ("flow_map_full", "events_lost")}
         extra.update(
             namespaces=len(self._attacher.namespaces),

@@ -1,4 +1,5 @@
-"""Compiling flows.bpf.c with bcc, loading its programs and attaching the socket-level hooks.
+"""Loading flows.bpf.c (compiled by bcc in a child process: ebpf.compiler) and attaching the
+socket-level hooks.
 
 Counting programs (TCX) are attached per interface by ebpf.interfaces; this module attaches
 the rest to one cgroup v2 directory (the root by default): sock_create, connect4/6,
@@ -12,18 +13,15 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ebpf import bpfsys
+from ebpf.compiler import LD_IMM64, Compiled, compile_in_child
 from ebpf.errors import EbpfUnavailable
-from ebpf.headers import KernelHeaders, find_headers
+from ebpf.headers import KernelHeaders
 from ebpf.interfaces import Programs
 
-SOURCE = Path(__file__).with_name("flows.bpf.c")
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 # (function, bcc program type name, expected attach type, cgroup attach type)
@@ -38,7 +36,8 @@ CGROUP_PROGRAMS = (
 )
 TC_PROGRAMS = ("tc_ingress", "tc_egress", "tc_loopback", "tc_ingress_l3", "tc_egress_l3")
 NETNS_PLACEHOLDER = 0x6662746E73636B69  # as in flows.bpf.c
-LD_IMM64 = 0x18
+RINGBUF_PAGES = 4096  # 16 MB of end-of-flow events: churn between two polls must fit
+MAP_NAME_LEN = 15  # the kernel keeps 15 characters of a map's name
 
 
 def cgroup2_mount() -> Path | None:
@@ -120,24 +119,31 @@ def bind_netns(insns: bytes, netns_cookie: int) -> bytes:
 
 @dataclass
 class LoadedPrograms:
-    """The compiled module and everything attached outside interfaces."""
+    """The maps and programs the compiler process made, and everything attached outside
+    interfaces (all file descriptors of this process)."""
 
-    bpf: object  # bcc.BPF
-    headers: KernelHeaders
+    compiled: Compiled
     cgroup: Path
-    tc_code: dict[str, bytes]  # TC program bytecode, still holding the netns placeholder
     link_fds: list[int] = field(default_factory=list)
     cgroup_fd: int = -1
 
+    @property
+    def headers(self) -> KernelHeaders:
+        return self.compiled.headers
+
     def table_fd(self, name: str) -> int:
-        return self.bpf[name.encode()].get_fd()  # type: ignore[index]
+        return self.compiled.maps[name[:MAP_NAME_LEN]]
+
+    def counter_totals(self, count: int) -> list[int]:
+        """The per-CPU `counters` array of flows.bpf.c summed over CPUs, entries 0..count-1."""
+        return bpfsys.percpu_sums(self.table_fd("counters"), count)
 
     def tc_programs(self, netns_cookie: int) -> Programs:
         """The counting programs for one network namespace (the caller closes their fds)."""
         fds: list[int] = []
         try:
             for name in TC_PROGRAMS:
-                code = bind_netns(self.tc_code[name], netns_cookie)
+                code = bind_netns(self.compiled.tc_code[name], netns_cookie)
                 fds.append(bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_SCHED_CLS, code, name))
         except BaseException:
             for fd in fds:
@@ -154,8 +160,7 @@ class LoadedPrograms:
             with contextlib.suppress(OSError):
                 os.close(self.cgroup_fd)
             self.cgroup_fd = -1
-        with contextlib.suppress(Exception):
-            self.bpf.cleanup()  # type: ignore[attr-defined]
+        self.compiled.close()  # the tracepoint's perf event with it: detached
 
 
 def import_bcc():
@@ -169,76 +174,32 @@ def import_bcc():
     return bcc
 
 
-def compile_module(max_flows: int, max_socks: int, ringbuf_pages: int = 4096):
-    """Compile flows.bpf.c; returns (bcc.BPF, KernelHeaders)."""
+def load(cgroup: str | None, max_flows: int, max_socks: int,
+         ringbuf_pages: int = RINGBUF_PAGES) -> LoadedPrograms:
+    """Compile (in a child process), load every program, attach the cgroup hooks and the
+    tracepoint."""
+    target = resolve_cgroup(cgroup)
     if os.geteuid() != 0:
         raise EbpfUnavailable(
             "loading BPF programs needs root (or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON)"
         )
-    bcc = import_bcc()
-    headers = find_headers()
-    if tracefs_mount() is None:
-        raise EbpfUnavailable("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
-    cflags = [
-        f"-DMAX_FLOWS={max_flows}",
-        f"-DMAX_SOCKS={max_socks}",
-        f"-DRINGBUF_PAGES={ringbuf_pages}",
-        *headers.cflags,
-    ]
-    with tempfile.TemporaryFile() as diagnostics:
-        try:
-            with _stderr_to(diagnostics), headers.applied():
-                module = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags)
-        except Exception as exc:
-            diagnostics.seek(0)
-            errors = [line for line in diagnostics.read().decode(errors="replace").splitlines()
-                      if "error" in line.lower()]
-            detail = errors[0].strip() if errors else str(exc)
-            raise EbpfUnavailable(
-                f"bcc could not compile {SOURCE.name} with headers {headers.describe()}: {detail}"
-            ) from exc
-    return module, headers
-
-
-@contextlib.contextmanager
-def _stderr_to(file) -> Iterator[None]:
-    """Send file descriptor 2 (where clang and libbpf write) to file meanwhile."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    os.dup2(file.fileno(), 2)
+    loaded = LoadedPrograms(compile_in_child(max_flows, max_socks, ringbuf_pages), target)
     try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def load(cgroup: str | None, max_flows: int, max_socks: int) -> LoadedPrograms:
-    """Compile, load every program, attach the cgroup hooks and the tracepoint."""
-    target = resolve_cgroup(cgroup)
-    module, headers = compile_module(max_flows, max_socks)
-    bcc = import_bcc()
-    BPF = bcc.BPF
-    loaded: LoadedPrograms | None = None
-    try:
-        tc_code = {name: module.dump_func(name.encode()) for name in TC_PROGRAMS}
-        loaded = LoadedPrograms(module, headers, target, tc_code)
         loaded.tc_programs(0).close()  # let the verifier see them once now: fail early
         loaded.cgroup_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-        for func, prog_type, attach_type in CGROUP_PROGRAMS:
-            fn = module.load_func(func.encode(), getattr(BPF, prog_type), attach_type=attach_type)
+        for func, _, attach_type in CGROUP_PROGRAMS:
             try:
-                link = bpfsys.link_create(fn.fd, loaded.cgroup_fd, attach_type)
+                link = bpfsys.link_create(loaded.compiled.programs[func], loaded.cgroup_fd,
+                                          attach_type)
             except OSError as exc:
                 raise EbpfUnavailable(f"attaching {func} to cgroup {target} failed: {exc}") from exc
             loaded.link_fds.append(link)
-        # bcc attached tracepoint__tcp__tcp_destroy_sock itself when it compiled the module.
+        # The compiler process had bcc attach tracepoint__tcp__tcp_destroy_sock; its perf event
+        # is one of ours now.
     except EbpfUnavailable:
-        if loaded:
-            loaded.close()
+        loaded.close()
         raise
     except Exception as exc:
-        if loaded:
-            loaded.close()
+        loaded.close()
         raise EbpfUnavailable(f"loading the flow programs failed: {exc}") from exc
     return loaded

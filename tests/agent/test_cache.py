@@ -245,3 +245,11 @@ def test_a_flow_keeps_the_latest_rtt_not_the_kernels_tcp_state():
     assert flows[untimed][FLOW].tcp is None
     flow = flows[timed][FLOW]
     assert not any(isinstance(getattr(flow, slot), TcpHealth) for slot in type(flow).__slots__)
+
+
+def test_flow_keys_are_the_held_flows():
+    cache = FlowCache(idle_timeout=15)
+    held, ended = key(sport=40001), key(sport=40002)
+    cache.update([obs(held, 100, 1, T0, T0), obs(ended, 100, 1, T0, T0)])
+    cache.update([obs(ended, 200, 2, T0, T0 + 1, end=EndCause.FIN)])
+    assert list(cache.flow_keys()) == [held]
