@@ -10,20 +10,20 @@ one step. See ebpf/README.md for the counting design and its limits.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import threading
 import time
 
-from ebpf import bpfsys, existing, layout, netns
+from ebpf import bpfsys, layout, netns
 from ebpf.attribution import Attribution
 from ebpf.endings import Endings
 from ebpf.errors import EbpfUnavailable
+from ebpf.existing_scan import SocketMaps, learn_existing_sockets
 from ebpf.flow_ends import FlowEnds, Reported, epoch_offset_ns
 from ebpf.interfaces import InterfaceAttacher
 from ebpf.layout import FLOW_KEY, FLOW_VAL, ConnId
-from ebpf.loader import cgroup2_mount, load
+from ebpf.loader import load
 from ebpf.observation import (
     EndCause,
     FlowKey,
@@ -219,7 +219,9 @@ class FlowCollector(FlowEnds):
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
-            self._watcher.join(timeout=5)
+        watcher = getattr(self, "_watcher", None)  # absent when the start-up scan failed
+        if watcher is not None:
+            watcher.join(timeout=5)
         attacher = getattr(self, "_attacher", None)
         if attacher is not None:
             attacher.close()
@@ -271,64 +273,17 @@ class FlowCollector(FlowEnds):
 
     def scan_existing(self) -> int:
         """Learn sockets that existed before attaching (sock_diag + /proc); returns how many."""
-        owners = existing.socket_owners()
-        learned = unwatched = 0
-        for state in list(self._attacher.namespaces.values()):
-            try:
-                found = netns.run_in(state.ns, existing.scan_here)
-            except OSError:
-                continue
-            for sock in found:
-                pid = owners.get(sock.inode)
-                if pid is None:
-                    continue
-                if self._attr.scoped and not self._in_scope(pid):
-                    continue
-                conn = (state.cookie, sock.protocol, sock.ip_version, sock.local_addr,
-                        sock.local_port, sock.remote_addr, sock.remote_port)
-                process = existing.process_of(pid, sock.uid)
-                self._attr.learn_existing(conn, sock, process)
-                try:
-                    if sock.protocol == TCP and sock.state != existing.TCP_LISTEN_STATE:
-                        bpfsys.update(self._watched_fd, layout.U64.pack(sock.cookie),
-                                      layout.U64.pack(state.cookie))
-                    else:
-                        # Listeners and UDP sockets into the kernel maps: accepted connections
-                        # inherit the listener's process there, and their release is reported.
-                        self._register_socket(state.cookie, sock, process)
-                except bpfsys.BpfError as exc:
-                    if exc.errno != errno.E2BIG:
-                        raise
-                    unwatched += 1
-                learned += 1
-        if unwatched:
-            # Their packets are still counted; their ends come from the idle timeout.
-            self.existing_unwatched += unwatched
+        namespaces = [(state.ns, state.cookie) for state in self._attacher.namespaces.values()]
+        maps = SocketMaps(self._watched_fd, self._socks_fd, self._ports_fd)
+        scan = learn_existing_sockets(namespaces, self._attr, maps, self._cgroup_path)
+        if scan.unwatched:
+            self.existing_unwatched += scan.unwatched
             log.warning("%d sockets that existed before the agent did not fit the kernel's "
                         "socket maps (%d entries): their flows end by the idle timeout",
-                        unwatched, self._max_socks)
-        return learned
+                        scan.unwatched, self._max_socks)
+        return scan.learned
 
     # -- internals ------------------------------------------------------------------------------
-
-    def _in_scope(self, pid: int) -> bool:
-        path = existing.cgroup_path_of(pid)
-        root = cgroup2_mount()
-        if path is None or root is None:
-            return False
-        scope = "/" + str(self._cgroup_path.relative_to(root)).strip(".")
-        scope = scope.rstrip("/")
-        return not scope or path == scope or path.startswith(scope + "/")
-
-    def _register_socket(self, ns_cookie: int, sock, process) -> None:
-        info = layout.SOCK_INFO.pack(
-            ns_cookie, process.cgroup_id, process.pid, process.uid, sock.local_port,
-            sock.protocol, 5, process.comm.encode()[:15],
-        )
-        cookie = layout.U64.pack(sock.cookie)
-        bpfsys.update(self._socks_fd, cookie, info)
-        bpfsys.update(self._ports_fd, layout.PORT_KEY.pack(ns_cookie, sock.local_port,
-                                                           sock.protocol), cookie)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
