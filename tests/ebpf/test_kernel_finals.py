@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import pytest
 
@@ -28,51 +27,25 @@ from tests.ebpf.test_loader import (  # the capture and polling helpers of the l
     host_netns,
     keys_both_ways,
     my_comm,
+    tcp_exchange,
 )
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 
-def exchange(server_family: int, server_host: str, client_family: int, client_host: str,
-             port: int, client_closes_first: bool) -> int:
-    """A TCP connection on lo that ends with FIN both ways; returns the client port."""
-    server = socket.socket(server_family, socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((server_host, port))
-    server.listen()
-    client = socket.socket(client_family, socket.SOCK_STREAM)
-    client.connect((client_host, port))
-    accepted, _ = server.accept()
-    client.sendall(b"u" * 3000)
-    received = 0
-    while received < 3000:
-        received += len(accepted.recv(1 << 16))
-    accepted.sendall(b"d" * 200)
-    received = 0
-    while received < 200:
-        received += len(client.recv(1 << 16))
-    client_port = client.getsockname()[1]
-    first, second = (client, accepted) if client_closes_first else (accepted, client)
-    first.close()
-    time.sleep(0.05)
-    second.close()
-    server.close()
-    return client_port
-
-
 @pytest.mark.parametrize(
-    "server_family,server_host,client_family,client_host,port,client_first",
+    "server_family,server_host,client_host,port,client_first",
     [
-        (socket.AF_INET, "127.0.0.1", socket.AF_INET, "127.0.0.1", 47901, True),
-        (socket.AF_INET, "127.0.0.1", socket.AF_INET, "127.0.0.1", 47902, False),
-        (socket.AF_INET6, "::1", socket.AF_INET6, "::1", 47903, False),
+        (socket.AF_INET, "127.0.0.1", "127.0.0.1", 47901, True),
+        (socket.AF_INET, "127.0.0.1", "127.0.0.1", 47902, False),
+        (socket.AF_INET6, "::1", "::1", 47903, False),
         # A dual-stack server: its accepted socket is IPv6 with IPv4-mapped addresses.
-        (socket.AF_INET6, "::", socket.AF_INET, "127.0.0.1", 47904, False),
+        (socket.AF_INET6, "::", "127.0.0.1", 47904, False),
     ],
 )
 def test_ended_connection_is_final_without_map_operations(
         needs_root, collector, tmp_path, server_family, server_host,  # noqa: F811
-        client_family, client_host, port, client_first):
+        client_host, port, client_first):
     taken = []
     lookup_and_delete = collector._elems.lookup_and_delete
 
@@ -83,8 +56,8 @@ def test_ended_connection_is_final_without_map_operations(
     collector._elems.lookup_and_delete = counting
     try:
         cap = LoCapture(tmp_path / "final.pcap", f"tcp port {port}")
-        client_port = exchange(server_family, server_host, client_family, client_host, port,
-                               client_first)
+        client_port, _ = tcp_exchange(server_family, server_host, port, 3000, 200, client_first,
+                                      connect_to=client_host)
         truth = cap.stop()
         expected = keys_both_ways(host_netns(), truth)
         assert len(expected) == 4, f"capture saw {list(truth)}"

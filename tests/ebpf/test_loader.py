@@ -194,13 +194,15 @@ def my_comm() -> str:
 
 
 def tcp_exchange(family: int, host: str, port: int, up: int, down: int,
-                 client_closes_first: bool = True) -> tuple[int, int]:
-    """A real TCP connection on lo; returns (client port, server port)."""
+                 client_closes_first: bool = True,
+                 connect_to: str | None = None) -> tuple[int, int]:
+    """A real TCP connection on lo; returns (client port, server port). The client connects to
+    `connect_to` when given (e.g. 127.0.0.1 to a dual-stack server on ::)."""
     server = socket.socket(family, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind((host, port))
     server.listen()
-    client = socket.create_connection((host, port))
+    client = socket.create_connection((connect_to or host, port))
     accepted, _ = server.accept()
     client.sendall(b"u" * up)
     received = 0
