@@ -7,6 +7,7 @@ exporters and timeouts but keeps the cache, so no flow state is lost.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -43,31 +44,12 @@ def tune_gc() -> None:
     release_startup_memory()
 
 
-# The compiler bcc runs in-process: ~120 MB of code and data, needed only to compile. Measured
-# (bench.scale): RSS 185 MB after loading -> 163 MB after malloc_trim -> ~85 MB after paging out.
-COMPILER_LIBRARIES = ("libLLVM", "libclang", "libz3", "libicudata")
-MADV_PAGEOUT = 21  # Linux 5.4+; not in Python's mmap module for 3.11
-
-
 def release_startup_memory() -> None:
-    """Returns freed heap to the kernel (malloc_trim) and asks it to drop the compiler
-    libraries' pages from this process (MADV_PAGEOUT: clean file pages are dropped, not written;
-    any page used again faults back in). Best effort: a libc or kernel without these does
-    nothing."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.malloc_trim(0)
-        madvise = libc.madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split()
-                if len(fields) < 6 or not any(n in fields[5] for n in COMPILER_LIBRARIES):
-                    continue
-                low, high = (int(x, 16) for x in fields[0].split("-"))
-                madvise(low, high - low, MADV_PAGEOUT)
-    except (OSError, AttributeError):
-        pass
+    """Returns the heap freed after start-up (loading, the first scans) to the kernel. bcc and
+    LLVM never load here: ebpf/compiler.py compiles in a child process. Best effort: a libc
+    without malloc_trim does nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 # Resolved container ids kept per agent; past this many (containers come and go) start afresh.
