@@ -75,10 +75,13 @@ class UnacknowledgedWindow:
         window for the next connection."""
         self.forget_acknowledged(unacknowledged)
         taken = list(self.messages) if unacknowledged > 0 else []
+        self.clear()
+        return taken
+
+    def clear(self) -> None:
         self.messages.clear()
         self.bytes = 0
         self.incomplete = False
-        return taken
 
 
 class TcpTransport(Transport):
@@ -289,7 +292,7 @@ class TcpTransport(Transport):
             if take_back and self._connected:
                 self._take_back_unacknowledged()
             self._close_socket()
-        self._unacknowledged.take_unacknowledged(0)
+        self._unacknowledged.clear()
         self.socket = None
         was_connected = self._connected
         self._connected = False

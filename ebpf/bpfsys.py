@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import struct
 from collections.abc import Iterator
@@ -106,8 +107,10 @@ def map_name(map_fd: int) -> str:
     return info.raw[24:40].split(b"\0", 1)[0].decode()
 
 
+@functools.cache
 def possible_cpus() -> int:
-    """How many values a per-CPU map holds per key: one per possible CPU."""
+    """How many values a per-CPU map holds per key: one per possible CPU (fixed until
+    reboot: read once)."""
     with open("/sys/devices/system/cpu/possible") as f:
         last = 0
         for part in f.read().strip().split(","):

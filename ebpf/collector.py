@@ -20,7 +20,7 @@ from ebpf.attribution import Attribution
 from ebpf.endings import Endings
 from ebpf.errors import EbpfUnavailable
 from ebpf.existing_scan import SocketMaps, learn_existing_sockets
-from ebpf.flow_ends import FlowEnds, Reported, epoch_offset_ns
+from ebpf.flow_ends import NS_PER_MS, TCP, UDP, FlowEnds, Reported, epoch_offset_ns
 from ebpf.interfaces import InterfaceAttacher
 from ebpf.layout import FLOW_KEY, FLOW_VAL, ConnId
 from ebpf.loader import load
@@ -33,9 +33,6 @@ from ebpf.observation import (
 )
 from ebpf.ringbuf import RingReader
 
-TCP, UDP = 6, 17
-TCP_FIN, TCP_RST = 0x01, 0x04
-NS_PER_MS = 1_000_000
 log = logging.getLogger(__name__)
 
 
