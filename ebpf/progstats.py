@@ -8,12 +8,18 @@ Programs are found among a process's file descriptors (/proc/PID/fdinfo shows ru
 run_cnt for a program fd) and named with BPF_OBJ_GET_INFO_BY_FD on a descriptor of our own
 (BPF_PROG_GET_FD_BY_ID: root only). Programs of one name (a copy of each TC program per
 network namespace) are summed. The benchmarks report kernel ns per connection from it.
+
+On a shared machine the counting programs also run for other namespaces' traffic (a copy per
+namespace): `snapshot(tc_ifindexes=...)` counts only the TCX programs attached to those
+interfaces of the caller's namespace (BPF_PROG_QUERY), so that a benchmark run in a namespace
+(and a cgroup, for the socket hooks) of its own measures its own connections only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import struct
 from collections.abc import Iterator
@@ -23,7 +29,9 @@ from ebpf import bpfsys
 
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
 BPF_ENABLE_STATS = 32
+PROG_TYPE_SCHED_CLS = 3
 BPF_STATS_RUN_TIME = 0
 _INFO_NAME_OFFSET = 64  # struct bpf_prog_info: char name[16] (stable since Linux 4.15)
 _INFO_LEN = 80
@@ -71,14 +79,45 @@ def _program_fds(pid: int | str) -> Iterator[tuple[int, dict[str, str]]]:
             yield int(name), {k: v.strip() for k, v in fields.items()}
 
 
-def snapshot(pid: int | str = "self") -> dict[str, ProgramCost]:
-    """Cumulative cost per program name of every BPF program a process holds open."""
+def tcx_program_ids(ifindex: int) -> set[int]:
+    """Ids of the TCX programs (ingress and egress) attached to an interface of the calling
+    thread's network namespace."""
+    ids: set[int] = set()
+    for attach_type in (bpfsys.TCX_INGRESS, bpfsys.TCX_EGRESS):
+        prog_ids = (ctypes.c_uint32 * 1024)()  # more than any interface carries (else ENOSPC)
+        attr = ctypes.create_string_buffer(bpfsys._ATTR_SIZE)
+        # struct bpf_attr.query: target_ifindex, attach_type, query_flags, attach_flags,
+        # prog_ids (pointer), prog_cnt (in: room, out: count)
+        struct.pack_into("<IIIIQI", attr, 0, ifindex, attach_type, 0, 0,
+                         ctypes.addressof(prog_ids), len(prog_ids))
+        try:
+            bpfsys._bpf(BPF_PROG_QUERY, attr)
+        except bpfsys.BpfError as exc:
+            if exc.errno == errno.ENODEV:  # the interface went meanwhile
+                return ids
+            raise
+        (count,) = struct.unpack_from("<I", attr, 24)
+        ids.update(prog_ids[: min(count, len(prog_ids))])
+    return ids
+
+
+def snapshot(pid: int | str = "self", tc_ifindexes: tuple[int, ...] | None = None
+             ) -> dict[str, ProgramCost]:
+    """Cumulative cost per program name of every BPF program a process holds open; with
+    `tc_ifindexes`, of the TC programs only those attached to these interfaces of the calling
+    thread's namespace."""
     totals: dict[str, ProgramCost] = {}
     seen_ids: set[str] = set()
+    tc_ids = None
+    if tc_ifindexes is not None:
+        tc_ids = {str(i) for ifindex in tc_ifindexes for i in tcx_program_ids(ifindex)}
     for _fd, fields in _program_fds(pid):
         if fields.get("prog_id") in seen_ids:
             continue  # the same program under two fds (bcc keeps its own)
         seen_ids.add(fields.get("prog_id", ""))
+        if (tc_ids is not None and fields.get("prog_type") == str(PROG_TYPE_SCHED_CLS)
+                and fields.get("prog_id") not in tc_ids):
+            continue
         try:
             name = program_name_by_id(int(fields["prog_id"]))
         except (OSError, KeyError, ValueError):

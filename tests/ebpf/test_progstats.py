@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 
 from ebpf import progstats
+from tests.conftest import require_tools
 from tests.ebpf.conftest import open_collector
 
 PORT = 47841
@@ -31,3 +35,43 @@ def test_loopback_packets_are_counted_runs_of_the_loopback_program() -> None:
     assert loopback.run_time_ns > 0 and loopback.ns_per_run > 0
     assert progstats.total_ns(costs) >= loopback.run_time_ns
     assert "tc_loopback" in progstats.describe(costs, 50, "datagram")
+
+
+def test_namespace_filter_counts_only_this_namespaces_programs() -> None:
+    """A loopback exchange in another namespace runs that namespace's copy of tc_loopback:
+    counted without the filter, not with the filter on this namespace's interfaces."""
+    require_tools("ip")
+    collector = open_collector()
+    namespace = f"fb-progstats-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
+        collector.sync_interfaces()
+        here = tuple(index for index, _ in socket.if_nameindex())
+        ours = {progstats.program_name_by_id(i) for i in progstats.tcx_program_ids(1)}
+        assert "tc_loopback" in ours  # lo is ifindex 1 in every namespace
+        with progstats.stats_enabled():
+            # The filtered window lies inside the unfiltered one: the unfiltered count holds
+            # every run the filtered one does, plus the other namespace's.
+            everywhere_before = progstats.snapshot()
+            here_before = progstats.snapshot(tc_ifindexes=here)
+            subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", SEND_50],
+                           check=True, timeout=60)
+            here_runs = progstats.difference(progstats.snapshot(tc_ifindexes=here), here_before)
+            everywhere = progstats.difference(progstats.snapshot(), everywhere_before)
+    finally:
+        collector.close()
+        subprocess.run(["ip", "netns", "delete", namespace], check=False)
+    other_namespace_runs = everywhere["tc_loopback"].run_cnt - here_runs["tc_loopback"].run_cnt
+    assert other_namespace_runs >= 50
+
+
+SEND_50 = """
+import socket
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, \\
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as source:
+    sink.bind(("127.0.0.1", 0))
+    for _ in range(50):
+        source.sendto(b"x", sink.getsockname())
+        sink.recv(10)
+"""
