@@ -14,39 +14,19 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from tests.harness.collector_common import Flow
+from tests.harness.collector_common import LARGE_SOCKET_BUFFER, Flow
 from tests.harness.collectors import Nfacctd, Nfcapd, TsharkCapture
-
-# Socket buffer of every collector, as their documentation advises for bursty exporters: one
-# agent feeding thirty collectors on two cores sends faster than a default buffer absorbs.
-# (net.core.rmem_max caps it; Debian's default here is 4 MiB.)
-SOCKET_BUFFER = 4 << 20
 
 
 def nfcapd_on(port: int | None = None) -> Nfcapd:
-    """An nfcapd with a large socket buffer, bound to `port` (where the agent already exports)
-    when given."""
-    collector = Nfcapd(4)
-    argv = collector.daemon.argv
-    if port is not None:
-        collector.port = port
-        argv[argv.index("-p") + 1] = str(port)
-    argv[1:1] = ["-B", str(SOCKET_BUFFER)]
-    return collector
-
-
-class _BufferedNfacctd(Nfacctd):
-    def __init__(self, port: int | None):
-        super().__init__(4)
-        if port is not None:
-            self.port = port
-        config = self._write_config()  # again: the configuration names the port
-        with open(config, "a") as out:
-            out.write(f"nfacctd_pipe_size: {SOCKET_BUFFER}\n")
+    """An nfcapd with a large socket buffer (one agent feeding thirty collectors on two cores
+    sends faster than a default buffer absorbs), bound to `port` (where the agent already
+    exports) when given."""
+    return Nfcapd(4, port=port, socket_buffer=LARGE_SOCKET_BUFFER)
 
 
 def nfacctd_on(port: int | None = None) -> Nfacctd:
-    return _BufferedNfacctd(port)
+    return Nfacctd(4, port=port, socket_buffer=LARGE_SOCKET_BUFFER)
 
 
 def parallel(calls: Iterable[Callable[[], object]]) -> list[object]:

@@ -21,6 +21,10 @@ from pathlib import Path
 Flow = dict[str, object]
 
 LOOPBACK = {4: "127.0.0.1", 6: "::1"}
+# A collector socket buffer as the collectors' documentation advises for bursty exporters, at
+# net.core.rmem_max here (4 MiB, which caps it): the kernel's default 208 KiB overflows when a
+# loaded 2-core VM delays the collector (an exporter's burst, other traffic on the host).
+LARGE_SOCKET_BUFFER = 4 << 20
 
 
 class CollectorError(RuntimeError):

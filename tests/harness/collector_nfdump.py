@@ -122,15 +122,20 @@ class Nfcapd:
     start() -> send()/let an exporter send to .address -> stop() -> flows(), sequence_errors().
     """
 
-    def __init__(self, ip_version: int = 4, workdir: Path | None = None):
+    def __init__(self, ip_version: int = 4, workdir: Path | None = None, *,
+                 port: int | None = None, socket_buffer: int | None = None):
+        """port: bind there (one an exporter already sends to), default a free one;
+        socket_buffer: the socket's receive buffer in bytes (-B), default the kernel's."""
         self.host = LOOPBACK[ip_version]
-        self.port = free_udp_port(self.host)
+        self.port = port or free_udp_port(self.host)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fb-nfcapd-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.flowdir = self.workdir / "flows"
         self.flowdir.mkdir(parents=True, exist_ok=True)
         family = "-6" if ip_version == 6 else "-4"
         argv = ["nfcapd", family, "-b", self.host, "-p", str(self.port), "-w", str(self.flowdir)]
+        if socket_buffer:
+            argv += ["-B", str(socket_buffer)]
         self.daemon = Daemon(argv, self.workdir / "nfcapd.log")
         self.drops = 0
         self._stopped = False

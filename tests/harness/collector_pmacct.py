@@ -172,9 +172,15 @@ class Nfacctd:
         ip_version: int = 4,
         primitives: Sequence[Primitive] = DEFAULT_PRIMITIVES,
         workdir: Path | None = None,
+        *,
+        port: int | None = None,
+        socket_buffer: int | None = None,
     ):
+        """port: bind there, default a free one; socket_buffer: the socket's receive buffer in
+        bytes (nfacctd_pipe_size), default the kernel's."""
         self.host = LOOPBACK[ip_version]
-        self.port = free_udp_port(self.host)
+        self.port = port or free_udp_port(self.host)
+        self.socket_buffer = socket_buffer
         self.primitives = tuple(primitives)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fb-nfacctd-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
@@ -213,6 +219,7 @@ class Nfacctd:
                     "print_cache_entries[out]: 65521",
                     "timestamps_since_epoch: true",
                     f"logfile: {self.log_path}",
+                    *([f"nfacctd_pipe_size: {self.socket_buffer}"] if self.socket_buffer else []),
                     "",
                 ]
             )

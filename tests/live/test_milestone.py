@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.harness.collector_common import Flow
+from tests.harness.collector_common import LARGE_SOCKET_BUFFER, Flow
 from tests.harness.collectors import Nfacctd, Nfcapd, TsharkCapture, TsharkResult
 from tests.harness.netlab import NetLab
 from tests.live.agent_process import AgentProcess, write_config
@@ -62,7 +62,10 @@ def milestone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilestoneRun
     require_live("nfcapd", "nfdump", "nfacctd", "tshark", "tcpdump")
     workdir = tmp_path_factory.mktemp("milestone")
     result = MilestoneRun()
-    with NetLab() as lab, Nfcapd(4) as nfcapd, Nfacctd(4) as nfacctd, TsharkCapture(4) as tshark:
+    # Large collector buffers: the agent exports every flow of the host, and other traffic there
+    # must not overflow a collector into sequence errors that are not the agent's.
+    with NetLab() as lab, Nfcapd(4, socket_buffer=LARGE_SOCKET_BUFFER) as nfcapd, \
+            Nfacctd(4, socket_buffer=LARGE_SOCKET_BUFFER) as nfacctd, TsharkCapture(4) as tshark:
         config = write_config(workdir / "flowbridge.toml", [
             {"address": f"127.0.0.1:{nfcapd.port}", "protocol": "ipfix", "profile": "standard"},
             {"address": f"127.0.0.1:{nfacctd.port}", "protocol": "v9", "profile": "ntop"},

@@ -140,15 +140,6 @@ def test_active_timeout_splits_a_long_transfer(timeouts: Timeouts) -> None:
     assert not problems, "\n".join(problems)
 
 
-def nfcapd_on_port(port: int) -> Nfcapd:
-    """A new nfcapd bound to `port` (the one the agent exports to), not a free one."""
-    collector = Nfcapd(4)
-    collector.port = port
-    argv = collector.daemon.argv
-    argv[argv.index("-p") + 1] = str(port)
-    return collector
-
-
 def test_restarted_collector_decodes_within_the_refresh_interval(timeouts: Timeouts) -> None:
     """nfcapd forgets templates when it restarts; data before the next template refresh is
     dropped (collectors.md 1.1 rows 5-6). Connections run back to back after the restart: those
@@ -158,7 +149,7 @@ def test_restarted_collector_decodes_within_the_refresh_interval(timeouts: Timeo
     old = timeouts.nfcapd
     old.stop()
     time.sleep(0.5)  # the agent's exports meanwhile go nowhere (ICMP unreachable, not fatal)
-    timeouts.nfcapd = new = nfcapd_on_port(old.port)
+    timeouts.nfcapd = new = Nfcapd(4, port=old.port)
     old.close()
     new.start()
     restarted = time.monotonic()

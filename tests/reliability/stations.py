@@ -1,6 +1,6 @@
-"""Real collectors set up for faults: an nfcapd on a port chosen before it runs (so the agent
-can export to it while it is down), optionally with a small socket buffer (so a stopped nfcapd
-overflows quickly), and SIGSTOP / SIGCONT for a collector that hangs."""
+"""Real collectors in faults: SIGSTOP / SIGCONT for a collector that hangs, its socket's drops,
+and what nfcapd stored of a long run. (A collector on a port chosen before it runs, or with a
+small or large socket buffer: Nfcapd(port=..., socket_buffer=...).)"""
 
 from __future__ import annotations
 
@@ -10,21 +10,10 @@ import signal
 import subprocess
 from collections import Counter
 
-from tests.harness.collector_common import free_udp_port, udp_drops
-from tests.harness.collectors import Nfacctd, Nfcapd
+from tests.harness.collector_common import udp_drops
+from tests.harness.collectors import Nfcapd
 
 DIRECTIONS = {"I": 0, "E": 1}  # nfdump's %dir -> IANA flowDirection
-
-
-def nfcapd_at(port: int | None = None, socket_buffer: int | None = None) -> Nfcapd:
-    """An nfcapd (not started) bound to `port` when started (default: a free port now)."""
-    collector = Nfcapd(4)
-    collector.port = port or free_udp_port(collector.host)
-    argv = collector.daemon.argv
-    argv[argv.index("-p") + 1] = str(collector.port)
-    if socket_buffer:
-        argv += ["-B", str(socket_buffer)]
-    return collector
 
 
 def pause(collector: Nfcapd) -> None:
@@ -41,15 +30,6 @@ def resume(collector: Nfcapd) -> None:
 def socket_drops(collector: Nfcapd) -> int:
     """Datagrams the kernel dropped at the collector's full socket (/proc/net/udp)."""
     return udp_drops(collector.port)
-
-
-def nfacctd_with_buffer(socket_buffer: int) -> Nfacctd:
-    """An nfacctd (not started) whose socket buffer is `socket_buffer` bytes (nfacctd_pipe_size;
-    its default, the kernel's 208 KiB, overflows under minutes of churn on this loaded VM)."""
-    collector = Nfacctd(4)
-    with open(collector.workdir / "nfacctd.conf", "a") as config:
-        config.write(f"nfacctd_pipe_size: {socket_buffer}\n")
-    return collector
 
 
 def nfdump_tcp_keys(collector: Nfcapd, address: str) -> Counter:

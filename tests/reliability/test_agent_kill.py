@@ -19,21 +19,19 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.harness.collector_common import Flow
-from tests.harness.collectors import TsharkCapture
+from tests.harness.collector_common import LARGE_SOCKET_BUFFER, Flow
+from tests.harness.collectors import Nfacctd, Nfcapd, TsharkCapture
 from tests.harness.netlab import NetLab
 from tests.live.agent_process import AgentProcess, write_config
 from tests.live.conftest import require_live
 from tests.live.watcher import ExportWatcher
 from tests.reliability.churn import Churn, exported, missing_connections
 from tests.reliability.probes import wait_for
-from tests.reliability.stations import nfacctd_with_buffer, nfcapd_at
 
 pytestmark = [pytest.mark.root, pytest.mark.collectors]
 
 CONNECTIONS = 100
 EXPORT_WAIT_S = 60.0
-SOCKET_BUFFER = 4 << 20  # a busy VM overflows the default 208 KiB: drops are not restarts
 # A restarted exporter starts a new stream at sequence 0 (RFC 7011 §10.3.1 for a new transport
 # session). nfcapd keys sequence state on the exporter address and domain, not the source port,
 # and counts the jump back as one failure (it leaves the statistics in domain 0 out of its
@@ -65,8 +63,8 @@ def killed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KillRun]:
     require_live("nfcapd", "nfdump", "nfacctd", "tshark", "tcpdump")
     workdir = tmp_path_factory.mktemp("agent-kill")
     run = KillRun()
-    nfcapd = nfcapd_at(socket_buffer=SOCKET_BUFFER)
-    nfacctd = nfacctd_with_buffer(SOCKET_BUFFER)
+    nfcapd = Nfcapd(4, socket_buffer=LARGE_SOCKET_BUFFER)
+    nfacctd = Nfacctd(4, socket_buffer=LARGE_SOCKET_BUFFER)
     with NetLab() as lab, nfcapd, nfacctd, TsharkCapture(4) as tshark, \
             ExportWatcher(4) as watcher:
         config = write_config(workdir / "flowbridge.toml", [

@@ -30,12 +30,14 @@ from dataclasses import asdict, dataclass, field
 
 import pytest
 
+from tests.harness.collector_common import LARGE_SOCKET_BUFFER
+from tests.harness.collectors import Nfacctd, Nfcapd
 from tests.harness.netlab import NetLab
 from tests.live.agent_process import AgentProcess, write_config
 from tests.live.conftest import require_live
 from tests.reliability.churn import Churn
 from tests.reliability.probes import ProcessSample, free_tcp_port, sample, scrape
-from tests.reliability.stations import nfacctd_with_buffer, nfcapd_at, nfdump_tcp_keys
+from tests.reliability.stations import nfdump_tcp_keys
 
 pytestmark = [pytest.mark.root, pytest.mark.collectors]
 
@@ -44,7 +46,6 @@ WARM_UP = 0.2  # of the run: bcc, caches and the allocator settle
 SAMPLE_EVERY_S = 2.0
 BATCH = 500  # connections per churn process pair
 GAP_MS = 4.0  # between connections: ~150 a second, a steady load for this 2-core VM
-SOCKET_BUFFER = 4 << 20  # the collectors' (net.core.rmem_max here): bursts after a stall
 LONG_FLOWS = 4
 ACTIVE_TIMEOUT_S = 10
 IDLE_TIMEOUT_S = 5
@@ -86,8 +87,8 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Soak]:
     workdir = tmp_path_factory.mktemp("soak")
     run = Soak()
     metrics_port = free_tcp_port()
-    nfcapd = nfcapd_at(socket_buffer=SOCKET_BUFFER)
-    nfacctd = nfacctd_with_buffer(SOCKET_BUFFER)
+    nfcapd = Nfcapd(4, socket_buffer=LARGE_SOCKET_BUFFER)
+    nfacctd = Nfacctd(4, socket_buffer=LARGE_SOCKET_BUFFER)
     with NetLab() as lab, nfcapd, nfacctd:
         config = write_config(workdir / "flowbridge.toml", [
             {"address": f"127.0.0.1:{nfcapd.port}", "protocol": "ipfix"},

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.harness.collector_common import Flow
-from tests.harness.collectors import Nfcapd
+from tests.harness.collector_common import LARGE_SOCKET_BUFFER, Flow
+from tests.harness.collectors import Nfacctd, Nfcapd
 from tests.harness.netlab import NetLab
 from tests.live.agent_process import AgentProcess, write_config
 from tests.live.conftest import require_live
 from tests.live.watcher import ExportWatcher
 from tests.reliability.churn import Churn, exported, missing_connections
 from tests.reliability.probes import free_tcp_port, per_collector, scrape, wait_for
-from tests.reliability.stations import nfacctd_with_buffer, nfcapd_at, pause, resume
+from tests.reliability.stations import pause, resume
 
 pytestmark = [pytest.mark.root, pytest.mark.collectors]
 
@@ -40,9 +40,6 @@ STALL_CONNECTIONS = 400
 AFTER_CONNECTIONS = 100
 STALLED_BUFFER = 16384  # bytes: a dozen 1400-byte datagrams, then the kernel drops
 EXPORT_WAIT_S = 60.0
-# The healthy collectors' socket buffers (net.core.rmem_max here): the kernel's default 208 KiB
-# overflows when this 2-core VM is busy with other work, and the drops would be counted as ours.
-SOCKET_BUFFER = 4 << 20
 
 
 @dataclass
@@ -74,13 +71,13 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRun]:
     require_live("nfcapd", "nfdump", "nfacctd")
     workdir = tmp_path_factory.mktemp("udp-faults")
     run = FaultRun()
-    late: Nfcapd = nfcapd_at(socket_buffer=SOCKET_BUFFER)
-    stalled: Nfcapd = nfcapd_at(socket_buffer=STALLED_BUFFER)
+    late: Nfcapd = Nfcapd(4, socket_buffer=LARGE_SOCKET_BUFFER)
+    stalled: Nfcapd = Nfcapd(4, socket_buffer=STALLED_BUFFER)
     metrics_port = free_tcp_port()
     with contextlib.ExitStack() as stack:
         stack.callback(late.close)  # started by the test, later
         lab = stack.enter_context(NetLab())
-        steady = stack.enter_context(nfacctd_with_buffer(SOCKET_BUFFER))
+        steady = stack.enter_context(Nfacctd(4, socket_buffer=LARGE_SOCKET_BUFFER))
         stack.enter_context(stalled)
         watcher = stack.enter_context(ExportWatcher(4))
         run.ports = {"steady": steady.port, "late": late.port, "stalled": stalled.port}
