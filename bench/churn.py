@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.cpu import user_system_seconds
 from bench.nginx import Nginx, WrkResult, run_wrk
 from bench.peers import PEERS
 from bench.process import BenchProcess
@@ -175,6 +176,7 @@ def run_arm(name: str, nginx: Nginx, start: Callable[[tuple[str, int], Path], ob
         nginx.truncate_log()
         kernel0 = progstats.snapshot(exporter.pid) if name == "flowbridge" else {}
         cpu0, t0 = exporter.cpu_seconds(), time.monotonic()
+        user0, system0 = user_system_seconds(exporter.pid)
         attached, load_attached = loaded_run(nginx, args)
         flush = getattr(exporter, "flush", None)
         if flush is not None:
@@ -182,6 +184,7 @@ def run_arm(name: str, nginx: Nginx, start: Callable[[tuple[str, int], Path], ob
         time.sleep(args.drain)
         wait_idle(exporter)
         cpu1, t1 = exporter.cpu_seconds(), time.monotonic()
+        user1, system1 = user_system_seconds(exporter.pid)
         kernel = {}
         if kernel0:
             kernel = progstats.difference(progstats.snapshot(exporter.pid), kernel0)
@@ -206,7 +209,8 @@ def run_arm(name: str, nginx: Nginx, start: Callable[[tuple[str, int], Path], ob
                     merged.update(counts)
             lost[side] = missing(logged, merged)
     print(f"# {name}: {connections} connections logged ({requests} requests) in "
-          f"{args.seconds} s, its CPU {cpu1 - cpu0:.2f} s over {t1 - t0:.1f} s, nfcapd socket "
+          f"{args.seconds} s, its CPU {cpu1 - cpu0:.2f} s over {t1 - t0:.1f} s (its main "
+          f"process: user {user1 - user0:.2f} s, system {system1 - system0:.2f} s), nfcapd socket "
           f"drops {nfcapd.drops}, records per side "
           f"{ {k: sum(v.values()) for k, v in seen.items()} }, missing per side {lost}",
           file=sys.stderr, flush=True)

@@ -37,6 +37,13 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process: what the agent spends in Python and in the kernel."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
 def children_cpu_seconds() -> float:
     """user + system CPU of every child this process has waited for so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)

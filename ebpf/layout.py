@@ -86,14 +86,35 @@ _make_value = FlowValue._make
 # struct final: kind, has_reverse, the key of the packet that ended the connection (netns,
 # saddr, daddr, sport, dport, proto, ipver, direction), its value, the other direction's value.
 # Decoded as one flat tuple, not a FlowValue per direction (two per ended connection cost a
-# third of the collector under churn): FINAL_VALUE / FINAL_REVERSE are where the values start,
-# V_* a field's place within a value (FlowValue's order).
+# third of the collector under churn): FINAL_OWN / FINAL_OTHER are where the two values start.
 FINAL = struct.Struct("<IIQ16s16sHHBBBx" + FLOW_VAL_FORMAT + FLOW_VAL_FORMAT)
 FINAL_KEY_BYTES = slice(8, 8 + FLOW_KEY.size)
-FINAL_VALUE = 10
-FINAL_REVERSE = FINAL_VALUE + len(FlowValue._fields)
-V_TCP_FLAGS = FlowValue._fields.index("tcp_flags")
-V_IFINDEX = FlowValue._fields.index("ifindex")
+FINAL_IPVER_AT = 8 + FLOW_KEY.size - 3  # bytes of the key that a decoder is chosen by
+FINAL_DIRECTION_AT = FINAL_IPVER_AT + 1
+
+# struct flow_val's fields in memory order with their struct codes (FLOW_VAL_FORMAT spelled out).
+_VALUE_CODES = ([(name, "Q") for name in FlowValue._fields[:9]]
+                + [(name, "I") for name in FlowValue._fields[9:22]] + [("", "4x"), ("comm", "16s")])
+
+
+def _value_format(names: tuple[str, ...]) -> str:
+    """FLOW_VAL_FORMAT decoding only the named fields; the others are skipped as pad bytes."""
+    return "".join(code if name in names else f"{struct.calcsize(code)}x"
+                   for name, code in _VALUE_CODES)
+
+
+def final_decoder(own: tuple[str, ...], other: tuple[str, ...], ipv4: bool) -> struct.Struct:
+    """Decodes a FINAL record into only what is asked for (each value made costs: a final
+    record is 56 fields, and ints and bytes are objects): has_reverse, netns, saddr, daddr
+    (4 bytes each with ipv4, for a record of an IPv4 key), sport, dport, proto, then the
+    `own` fields of the key's value and the `other` fields of the other direction's, each in
+    struct flow_val's order."""
+    address = "4s12x" if ipv4 else "16s"
+    decoder = struct.Struct("<4xIQ" + address + address + "HHB3x" + _value_format(own)
+                            + _value_format(other))
+    if decoder.size != FINAL.size or struct.calcsize(_value_format(())) != FLOW_VAL.size:
+        raise AssertionError("final_decoder out of step with struct final")
+    return decoder
 
 
 def decode_value(raw: bytes, offset: int = 0) -> FlowValue:
@@ -165,18 +186,20 @@ class SockInfo(NamedTuple):
     origin: int
 
 
-_processes: dict[tuple, ProcessInfo] = {}
+# (tgid, uid, cgroup id, comm as the kernel has it) -> its ProcessInfo; read directly where a
+# call per flow counts (FlowEnds._finals), process_info otherwise.
+PROCESSES: dict[tuple[int, int, int, bytes], ProcessInfo] = {}
 
 
 def process_info(tgid: int, uid: int, cgroup_id: int, comm: bytes) -> ProcessInfo:
     # Thousands of sockets share a handful of processes: one ProcessInfo each.
     ident = (tgid, uid, cgroup_id, comm)
-    process = _processes.get(ident)
+    process = PROCESSES.get(ident)
     if process is None:
-        if len(_processes) > 65536:
-            _processes.clear()
+        if len(PROCESSES) > 65536:
+            PROCESSES.clear()
         name = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
-        process = _processes[ident] = ProcessInfo(tgid, name, uid, cgroup_id)
+        process = PROCESSES[ident] = ProcessInfo(tgid, name, uid, cgroup_id)
     return process
 
 

@@ -5,12 +5,19 @@ Flows leave the table when the kernel says they ended (after `linger_ms`, so tha
 connection is still seen), when the agent's cache releases them, or when idle for `idle_ms`.
 The agent's loop writes, the state socket's thread reads: one lock, held for dict operations
 only, never while rows are built.
+
+Writing is lazy: the agent tees every observation here, but top is rarely connected. An update
+only queues its batch; a read applies what is queued. A batch older than `linger_ms` when it is
+applied has had its ended flows expire already, so they leave the table without ever entering
+it: under connection churn almost every observation is such an ended flow, and the table cost
+the agent ~20% of its CPU when it stored each one and pruned it again (bench.churn).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -128,38 +135,100 @@ class FlowTable:
         self.max_flows = max_flows
         self.resolver = resolver
         self._flows: dict[FlowKey, FlowObservation] = {}
+        # Keys of ended flows in _flows, and when they ended (a subset of _flows' keys).
         self._ended_at: dict[FlowKey, int] = {}
+        # What is not applied to _flows yet, oldest first: (when, observations, forgotten keys),
+        # either a batch of observations or the keys of a forget().
+        self._queued: deque[tuple[int, list[FlowObservation], list[FlowKey]]] = deque()
+        self._queued_observations = 0  # kept under max_flows: the queue is bounded like _flows
         self._lock = threading.Lock()
         self.dropped = 0  # observations of new flows not kept because the table was full
 
     def __len__(self) -> int:
-        return len(self._flows)
-
-    def update(self, observations: Iterable[FlowObservation], now_ms: int) -> None:
-        none = EndCause.NONE
         with self._lock:
-            flows, ended_at, limit = self._flows, self._ended_at, self.max_flows
-            for obs in observations:
-                key = obs.key
-                if key not in flows and len(flows) >= limit:
-                    self.dropped += 1
-                    continue
-                flows[key] = obs
-                if obs.end is not none:
-                    ended_at.setdefault(key, now_ms)
-                elif key in ended_at:  # the key was reused by a new connection
-                    del ended_at[key]
+            self._apply_queued()
+            return len(self._flows)
+
+    def update(self, observations: list[FlowObservation], now_ms: int) -> None:
+        """Queues the batch (kept as given: the caller must not change the list afterwards)."""
+        with self._lock:
+            self._queued.append((now_ms, observations, []))
+            self._queued_observations += len(observations)
+            while self._queued_observations > self.max_flows:
+                self._apply_next(None)
 
     def forget(self, keys: Iterable[FlowKey]) -> None:
         with self._lock:
-            for key in keys:
-                self._flows.pop(key, None)
-                self._ended_at.pop(key, None)
+            if not self._queued:
+                self._forget(keys)
+            else:  # after the batches queued before it, not before
+                keys = list(keys)
+                if keys:
+                    self._queued.append((self._queued[-1][0], [], keys))
+
+    def _forget(self, keys: Iterable[FlowKey]) -> None:
+        for key in keys:
+            self._flows.pop(key, None)
+            self._ended_at.pop(key, None)
+
+    def _apply_queued(self, expired_before: int | None = None) -> None:
+        """Applies what is queued, in order: all of it, or (expired_before) only batches that
+        came before it, whose ended flows would have lingered out by now. Under the lock."""
+        queued = self._queued
+        while queued and (expired_before is None or queued[0][0] < expired_before):
+            self._apply_next(expired_before)
+
+    def _apply_next(self, expired_before: int | None) -> None:
+        at, batch, forgotten = self._queued.popleft()
+        self._queued_observations -= len(batch)
+        if forgotten:
+            self._forget(forgotten)
+        elif expired_before is None:
+            self._apply(batch, at)
+        else:
+            self._apply_expired(batch)
+
+    def _apply(self, observations: list[FlowObservation], at_ms: int) -> None:
+        none = EndCause.NONE
+        flows, ended_at, limit = self._flows, self._ended_at, self.max_flows
+        for obs in observations:
+            key = obs.key
+            if key not in flows and len(flows) >= limit:
+                self.dropped += 1
+                continue
+            flows[key] = obs
+            if obs.end is not none:
+                # From its latest end: a key two connections ended under lingers for the second.
+                ended_at[key] = at_ms
+            elif key in ended_at:  # the key was reused by a new connection
+                del ended_at[key]
+
+    def _apply_expired(self, observations: list[FlowObservation]) -> None:
+        """As _apply followed by the prune that drops its ended flows: they just leave."""
+        none = EndCause.NONE
+        flows, ended_at, limit = self._flows, self._ended_at, self.max_flows
+        pop = flows.pop
+        for obs in observations:
+            key = obs.key
+            if obs.end is not none:
+                if pop(key, None) is not None:
+                    ended_at.pop(key, None)  # ended_at's keys are in _flows
+                continue
+            if key not in flows and len(flows) >= limit:
+                self.dropped += 1
+                continue
+            flows[key] = obs
+            if key in ended_at:
+                del ended_at[key]
 
     def prune(self, now_ms: int) -> list[FlowKey]:
         """Drops flows ended more than linger_ms ago and flows idle for idle_ms; returns the
-        idle ones (a source of its own may then release their kernel state)."""
+        idle ones (a source of its own may then release their kernel state). Batches younger
+        than linger_ms stay queued; a flow they hold a newer observation or forget() of is not
+        idle. (So an observation whose last packet is older than idle_ms - linger_ms when it
+        arrives is found idle up to linger_ms late; a source's observations are recent.)"""
         with self._lock:
+            self._apply_queued(expired_before=now_ms - self.linger_ms + 1)
             gone = [k for k, at in self._ended_at.items() if now_ms - at >= self.linger_ms]
             for key in gone:
                 del self._ended_at[key]
@@ -167,12 +236,19 @@ class FlowTable:
             idle_before = now_ms - self.idle_ms
             idle = [k for k, obs in self._flows.items()
                     if obs.last_ms < idle_before and k not in self._ended_at]
+            if idle and self._queued:  # a queued observation or forget() of a flow comes later
+                candidates = set(idle)
+                later = {obs.key for _, batch, _ in self._queued for obs in batch
+                         if obs.key in candidates}
+                later.update(key for _, _, forgotten in self._queued for key in forgotten)
+                idle = [k for k in idle if k not in later]
             for key in idle:
                 del self._flows[key]
         return idle
 
     def observations(self) -> list[FlowObservation]:
         with self._lock:
+            self._apply_queued()
             return list(self._flows.values())
 
     def rows(self) -> list[FlowRow]:

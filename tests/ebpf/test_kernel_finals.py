@@ -174,3 +174,65 @@ def test_a_socket_the_kernel_has_no_process_for_is_attributed_by_the_agent():
         assert obs.socket_cookie == 4321 and obs.process is scanned
         assert obs.local_initiated is False
     assert finals._attr.conns_of_cookie(4321) == set()  # nothing kept after the end
+
+
+def server_side_record(client_port: int, flags_in: int, flags_out: int,
+                       has_reverse: bool = True, origin: int = 4) -> bytes:
+    """The server's side of a connection from :client_port to :80, ended by a packet arriving
+    (ingress key client -> server): the sending process is in the other direction's value."""
+    other = value(5, flags_out, True, origin) if has_reverse else [0] * 22 + [bytes(16)]
+    return layout.FINAL.pack(
+        layout.EV_FLOW_FINAL, int(has_reverse), NETNS_COOKIE, LOOPBACK, LOOPBACK, client_port, 80,
+        6, 4, Direction.INGRESS, *value(6, flags_in, False), *other,
+    )
+
+
+def test_an_ingress_keyed_record_takes_the_socket_from_the_other_direction():
+    finals = Finals()
+    out: list = []
+    finals._finals([server_side_record(40004, TCP_SYN | TCP_ACK | TCP_RST, TCP_SYN | TCP_ACK)],
+                   out, {})
+    by_direction = {obs.key.direction: obs for obs in out}
+    received, sent = by_direction[Direction.INGRESS], by_direction[Direction.EGRESS]
+    assert received.key == FlowKey(NETNS_INODE, Direction.INGRESS, 4, 6, LOOPBACK, LOOPBACK,
+                                   40004, 80)
+    assert sent.key == FlowKey(NETNS_INODE, Direction.EGRESS, 4, 6, LOOPBACK, LOOPBACK, 80, 40004)
+    assert (received.packets, received.tcp_flags, sent.packets, sent.tcp_flags) == (
+        6, TCP_SYN | TCP_ACK | TCP_RST, 5, TCP_SYN | TCP_ACK)
+    for obs in out:
+        assert obs.end == EndCause.RST_RECEIVED  # the RST came in: the peer reset
+        assert obs.process is not None and (obs.process.pid, obs.process.comm) == (555, "client")
+        assert obs.local_initiated is False and obs.socket_cookie == 4321
+        assert obs.tcp is not None and obs.tcp.srtt_us == 40
+
+
+def test_a_record_without_the_egress_direction_is_attributed_by_the_agent():
+    """Only the ingress direction in the record: no socket facts from the kernel, the agent's
+    own (here: a listener on the local port) apply, and one observation comes out."""
+    finals = Finals()
+    listener = ProcessInfo(80, "server", 0, 0)
+    finals._attr.remember(999, SockInfo(NETNS_COOKIE, listener, 80, 6, 3))
+    out: list = []
+    finals._finals([server_side_record(40005, TCP_SYN | TCP_ACK | TCP_FIN, 0, has_reverse=False)],
+                   out, {})
+    assert len(out) == 1
+    obs = out[0]
+    assert obs.key.direction == Direction.INGRESS and obs.end == EndCause.FIN
+    assert obs.process is listener and obs.local_initiated is False
+    assert obs.socket_cookie == 0 and obs.tcp is None
+
+
+def test_an_ipv6_record_keeps_its_addresses_whole():
+    local, remote = bytes(15) + b"\x01", bytes.fromhex("20010db8" + "00" * 11 + "07")
+    record = layout.FINAL.pack(
+        layout.EV_FLOW_FINAL, 1, NETNS_COOKIE, local, remote, 40006, 443, 6, 6,
+        Direction.EGRESS, *value(3, TCP_FIN | TCP_ACK, True), *value(2, TCP_FIN | TCP_ACK, False))
+    finals = Finals()
+    out: list = []
+    finals._finals([record], out, {})
+    keys = {obs.key for obs in out}
+    assert keys == {
+        FlowKey(NETNS_INODE, Direction.EGRESS, 6, 6, local, remote, 40006, 443),
+        FlowKey(NETNS_INODE, Direction.INGRESS, 6, 6, remote, local, 443, 40006),
+    }
+
