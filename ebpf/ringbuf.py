@@ -55,8 +55,10 @@ class RingReader:
         self._closed = False
 
     def wait(self, timeout_ms: int) -> None:
-        """Sleep until the kernel signals data (records submitted without BPF_RB_NO_WAKEUP) or
-        timeout_ms passed."""
+        """Sleep until a record is pending or timeout_ms passed. A ring buffer polls readable
+        whenever its consumer position is behind the producer's, wakeups or not: under churn
+        (records pending again by the time a drain is done) this returns at once; the kernel's
+        BPF_RB_NO_WAKEUP only spares an idle agent a wakeup per record."""
         self._poller.poll(max(0, timeout_ms))
 
     def drain(self) -> list[bytes]:
