@@ -57,8 +57,9 @@ class RingReader:
     def wait(self, timeout_ms: int) -> None:
         """Sleep until a record is pending or timeout_ms passed. A ring buffer polls readable
         whenever its consumer position is behind the producer's, wakeups or not: under churn
-        (records pending again by the time a drain is done) this returns at once; the kernel's
-        BPF_RB_NO_WAKEUP only spares an idle agent a wakeup per record."""
+        (records pending again by the time a drain is done) this returns at once. What the kernel's
+        BPF_RB_NO_WAKEUP changes: an agent already asleep here is not woken by a new record, so
+        a quiet host's agent wakes per poll timeout, not per record."""
         self._poller.poll(max(0, timeout_ms))
 
     def drain(self) -> list[bytes]:
