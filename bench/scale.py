@@ -26,6 +26,8 @@ Two parts, one JSON line per result {"name", "value", "unit", "peer", "peer_valu
   arrays in proportion to their capacity.
 
     --trace [lineno|filename]: the agent part's biggest allocation sites per flow to stderr.
+    --census: the agent part's live objects by type and size per flow to stderr (what holds
+    the memory, where --trace says what allocated it).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 from bench.results import emit
@@ -185,6 +188,23 @@ def sweep_and_export(cache, exporter=None) -> tuple[float, float, int]:  # type:
 # -- the real agent ------------------------------------------------------------------------------
 
 
+def census(flows: int, top: int = 16) -> None:
+    """Live objects by type and size, per flow, to stderr: every object the garbage collector
+    tracks and the untracked ones they refer to (ints, bytes), each once. Sizes as
+    sys.getsizeof gives them (the allocator rounds them up to a multiple of 16)."""
+    seen: set[int] = set()
+    counts: Counter[tuple[str, int]] = Counter()
+    for obj in gc.get_objects():
+        for item in (obj, *gc.get_referents(obj)):
+            if id(item) not in seen:
+                seen.add(id(item))
+                counts[(type(item).__name__, sys.getsizeof(item))] += 1
+    biggest = sorted(counts.items(), key=lambda item: -item[0][1] * item[1])[:top]
+    for (name, size), n in biggest:
+        print(f"bench.scale: {n * size / flows:6.1f} B/flow  {n} x {size} B {name}",
+              file=sys.stderr)
+
+
 def capacity_for(flows: int) -> int:
     """Kernel map and cache capacity for `flows` held flows: 25% headroom, as the kernel map is
     host-wide (every namespace's traffic). The flow map is preallocated (its memory follows the
@@ -193,7 +213,7 @@ def capacity_for(flows: int) -> int:
     return flows + flows // 4
 
 
-def agent_part(sockets: int, trace: str | None = None) -> None:
+def agent_part(sockets: int, trace: str | None = None, count_objects: bool = False) -> None:
     from bridge.agent import Agent, tune_gc
     from bridge.config import AgentConfig, CollectorConfig
     from bridge.state import tee_source
@@ -276,6 +296,8 @@ def agent_part(sockets: int, trace: str | None = None) -> None:
                       f"{frame.filename}:{frame.lineno}", file=sys.stderr)
             tracemalloc.stop()
         rss_kb, anon_kb, bpf = rss_without_bpf_kb(), status_kb("RssAnon"), bpf_memory(capacity)
+        if count_objects:  # after the RSS: its own bookkeeping is large
+            census(flows)
         sweep_cpu, export_cpu, records = sweep_and_export(agent.cache, agent.exporters[0])
     finally:
         holder.stdin.close()  # type: ignore[union-attr]
@@ -323,6 +345,8 @@ def main() -> None:
     parser.add_argument("--trace", nargs="?", const="lineno", choices=("lineno", "filename"),
                         help="agent part: the biggest allocation sites (lines or files) per "
                         "flow to stderr (tracemalloc's own memory then inflates the RSS figures)")
+    parser.add_argument("--census", action="store_true",
+                        help="agent part: live objects by type and size per flow to stderr")
     args = parser.parse_args()
     if args.cache_only:
         cache_part(2 * args.sockets)
@@ -338,7 +362,7 @@ def main() -> None:
     if os.geteuid() != 0:
         print("bench.scale: not root: no agent part", file=sys.stderr)
         return
-    agent_part(args.sockets, args.trace)
+    agent_part(args.sockets, args.trace, args.census)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,7 @@ class Flow:
     of them earlier records already carried."""
 
     __slots__ = (
-        "key",
-        "ck",  # the cache's own key: a plain tuple, hashed in C
+        "key",  # also the cache's key: a tuple, hashed in C, shared with the source
         "ifindex",
         "octets",
         "packets",
@@ -69,9 +68,8 @@ class Flow:
         "end",
     )
 
-    def __init__(self, obs: FlowObservation, ck: tuple) -> None:
+    def __init__(self, obs: FlowObservation) -> None:
         self.key = obs.key
-        self.ck = ck
         self.ifindex = obs.ifindex
         self.octets = 0
         self.packets = 0
@@ -118,22 +116,10 @@ def reverse_key(key: FlowKey) -> FlowKey:
     )
 
 
-def cache_key(key: FlowKey) -> tuple:
-    """FlowKey's dataclass hash runs in Python on every dict operation; a tuple's runs in C.
-    The address length implies the IP version."""
-    return (
-        key.src_addr,
-        key.dst_addr,
-        key.src_port,
-        key.dst_port,
-        key.protocol,
-        key.direction,
-        key.netns,
-    )
-
-
-def _reverse_ck(ck: tuple) -> tuple:
-    return (ck[1], ck[0], ck[3], ck[2], ck[4], 1 - ck[5], ck[6])
+def _reverse(key: FlowKey) -> tuple:
+    """The reverse direction's cache key: a plain tuple hashes and compares as the FlowKey does
+    and is cheaper to build."""
+    return (key[0], 1 - key[1], key[2], key[3], key[5], key[4], key[7], key[6])
 
 
 class FlowCache:
@@ -152,7 +138,7 @@ class FlowCache:
         self.max_flows = max_flows
         self.biflow = biflow
         # One ordered dict is both the index and the idle order (least recently active first).
-        self._flows: OrderedDict[tuple, Flow] = OrderedDict()
+        self._flows: OrderedDict[FlowKey, Flow] = OrderedDict()
         # Active timeout: period starts in the order periods began, and their flows. The deadline
         # is start + active_ms at sweep time, so a reload's new timeout applies at once.
         self._active_flows: deque[Flow] = deque()
@@ -199,16 +185,7 @@ class FlowCache:
         evicted = 0  # records in `out` that evictions made; the others are flows seen ending
         for obs in observations:
             key = obs.key
-            ck = (  # cache_key(key), inlined: a call per observation is measurable here
-                key.src_addr,
-                key.dst_addr,
-                key.src_port,
-                key.dst_port,
-                key.protocol,
-                key.direction,
-                key.netns,
-            )
-            flow = get(ck)
+            flow = get(key)
             if flow is None:
                 if uniflow and obs.end is not none:
                     # A flow the cache never held, already over (most short flows): one record,
@@ -234,10 +211,10 @@ class FlowCache:
                     before = len(out)
                     self._evict(out)
                     evicted += len(out) - before
-                flow = Flow(obs, ck)
+                flow = Flow(obs)
                 if self._tombstones:
                     self._restore_base(flow)
-                flows[ck] = flow
+                flows[key] = flow
             packets = obs.packets
             if packets < flow.packets or obs.octets < flow.octets:
                 self._counter_reset(flow)
@@ -249,7 +226,7 @@ class FlowCache:
                 flow.packets = packets
                 flow.octets = obs.octets
                 flow.last_ms = obs.last_ms
-                move_to_end(ck)
+                move_to_end(key)
             flow.tcp_flags |= obs.tcp_flags
             if obs.ifindex:
                 flow.ifindex = obs.ifindex
@@ -270,7 +247,7 @@ class FlowCache:
                 ended.append(flow)
         self.records_by_reason[END_OF_FLOW] += len(out) - evicted
         for flow in ended:
-            if get(flow.ck) is flow:
+            if get(flow.key) is flow:
                 self._finish(flow, END_OF_FLOW, out, release=False)
         return out
 
@@ -294,7 +271,7 @@ class FlowCache:
         flow.packets = 0
 
     def _restore_base(self, flow: Flow) -> None:
-        stone = self._tombstones.pop(flow.ck, None)
+        stone = self._tombstones.pop(flow.key, None)
         if stone is not None:
             flow.octets = flow.base_octets = stone[0]
             flow.packets = flow.base_packets = stone[1]
@@ -313,7 +290,7 @@ class FlowCache:
         while starts and starts[0] <= started_before:
             start_ms = starts.popleft()
             flow = active_flows.popleft()
-            if flow.start_ms == start_ms and flows.get(flow.ck) is flow:
+            if flow.start_ms == start_ms and flows.get(flow.key) is flow:
                 self._emit(flow, ACTIVE_TIMEOUT, out)
         limit = now_ms - self.idle_ms
         expired: list[Flow] = []
@@ -322,12 +299,12 @@ class FlowCache:
                 break
             expired.append(flow)
         for flow in expired:
-            if flows.get(flow.ck) is not flow:
+            if flows.get(flow.key) is not flow:
                 continue  # left already, with its peer
             if self.biflow:
-                peer = flows.get(_reverse_ck(flow.ck))
+                peer = flows.get(_reverse(flow.key))
                 if peer is not None and peer.last_ms > limit:
-                    flows.move_to_end(flow.ck)  # the connection is not idle yet
+                    flows.move_to_end(flow.key)  # the connection is not idle yet
                     continue
             self._finish(flow, IDLE_TIMEOUT, out, release=True)
         if self._tombstones:
@@ -338,7 +315,7 @@ class FlowCache:
         """Forced end (shutdown): every flow with unexported traffic, now."""
         out: list[Export] = []
         for flow in list(self._flows.values()):
-            if self._flows.get(flow.ck) is flow:
+            if self._flows.get(flow.key) is flow:
                 self._finish(flow, FORCED_END, out, release=False)
         return out
 
@@ -350,7 +327,7 @@ class FlowCache:
 
     def _finish(self, flow: Flow, reason: int, out: list[Export], release: bool) -> None:
         """Exports what is left of `flow` (and its peer, biflow) and removes it from the cache."""
-        peer = self._flows.get(_reverse_ck(flow.ck)) if self.biflow else None
+        peer = self._flows.get(_reverse(flow.key)) if self.biflow else None
         self._remove(flow, release)
         if peer is None:
             self._emit(flow, reason, out)
@@ -358,7 +335,7 @@ class FlowCache:
         self._remove(peer, release)
         if not release and peer.end is _NONE:
             # The peer's own final observation may still come: remember what was exported.
-            self._tombstones[peer.ck] = (
+            self._tombstones[peer.key] = (
                 peer.octets,
                 peer.packets,
                 peer.retrans,
@@ -368,13 +345,13 @@ class FlowCache:
         self._emit(flow, reason, out, peer)
 
     def _remove(self, flow: Flow, release: bool) -> None:
-        del self._flows[flow.ck]
+        del self._flows[flow.key]
         if release:
             self._released.append(flow.key)
 
     def _emit(self, flow: Flow, reason: int, out: list[Export], peer: Flow | None = None) -> None:
         if self.biflow and peer is None and reason == ACTIVE_TIMEOUT:
-            peer = self._flows.get(_reverse_ck(flow.ck))
+            peer = self._flows.get(_reverse(flow.key))
         record = self._take(flow, reason)
         peer_record = self._take(peer, reason) if peer is not None else None
         if record is None:

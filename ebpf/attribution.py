@@ -29,7 +29,9 @@ class Attribution:
         self._socks: dict[int, SockInfo] = {}
         self._port_owner: dict[tuple[int, int, int], int] = {}
         self._conn_cookie: dict[ConnId, int] = {}
-        self._cookie_conns: dict[int, set[ConnId]] = {}
+        # A socket's connection, or a set of them (an unconnected UDP socket has many): a set
+        # for every TCP socket, which has one, cost ~130 bytes a flow at 100k connections.
+        self._cookie_conns: dict[int, ConnId | set[ConnId]] = {}
         self._health: dict[ConnId, TcpHealth] = {}
         self._refreshed = False
 
@@ -60,11 +62,22 @@ class Attribution:
         if old == cookie:
             return
         if old:
-            conns = self._cookie_conns.get(old)
-            if conns is not None:
-                conns.discard(conn)
+            self._unlink(old, conn)
         self._conn_cookie[conn] = cookie
-        self._cookie_conns.setdefault(cookie, set()).add(conn)
+        held = self._cookie_conns.get(cookie)
+        if held is None:
+            self._cookie_conns[cookie] = conn
+        elif type(held) is set:
+            held.add(conn)
+        elif held != conn:
+            self._cookie_conns[cookie] = {held, conn}
+
+    def _unlink(self, cookie: int, conn: ConnId) -> None:
+        held = self._cookie_conns.get(cookie)
+        if type(held) is set:
+            held.discard(conn)
+        elif held == conn:
+            del self._cookie_conns[cookie]
 
     def learn_from_egress(self, conn: ConnId, value: layout.FlowValue) -> None:
         if value.cookie:
@@ -123,18 +136,20 @@ class Attribution:
         return self._health.get(conn)
 
     def conns_of_cookie(self, cookie: int) -> set[ConnId]:
-        return set(self._cookie_conns.get(cookie, ()))
+        held = self._cookie_conns.get(cookie)
+        if held is None:
+            return set()
+        return set(held) if type(held) is set else {held}
 
     def forget_conn(self, conn: ConnId) -> None:
         cookie = self._conn_cookie.pop(conn, None)
         if cookie is not None:
-            conns = self._cookie_conns.get(cookie)
-            if conns is not None:
-                conns.discard(conn)
+            self._unlink(cookie, conn)
         self._health.pop(conn, None)
 
     def forget_cookie(self, cookie: int) -> None:
-        for conn in self._cookie_conns.pop(cookie, ()):
+        held = self._cookie_conns.pop(cookie, None)
+        for conn in held if type(held) is set else (held,) if held is not None else ():
             self._conn_cookie.pop(conn, None)
             self._health.pop(conn, None)
         info = self._socks.pop(cookie, None)

@@ -82,6 +82,8 @@ class FlowCollector(FlowEnds):
         self._rescanned = False
         self._retired_seen: dict[bytes, Reported] = {}
         self._retired_keys: set[bytes] = set()  # retired in this poll
+        # Live in the map but to be reported at the next read even if unchanged (see poll).
+        self._reread: set[bytes] = set()
         self._final_keys: set[bytes] = set()  # finalised by the kernel, reported in this poll
         self._deferred_finals: list[tuple[bytes, FlowObservation]] = []
         self._flows_in_map = 0
@@ -142,14 +144,15 @@ class FlowCollector(FlowEnds):
         reported = self._reported
         # The agent's cache ends flows at the end of a batch: a newer generation's live record
         # in the same batch as the retired one would be merged into it. It waits for the next
-        # poll (last_ns -1: reported as changed then).
+        # poll (reread: reported as changed then).
         retired_keys = self._retired_keys
-        for kraw, prev in live:
+        decode_value = layout.decode_value
+        for kraw, at, values, prev in live:
             if kraw in retired_keys:
-                prev.last_ns = -1
+                self._reread.add(kraw)
                 continue
             if kraw not in index and reported.get(kraw) is prev:
-                obs = observation(prev, prev.value, offset, EndCause.NONE)
+                obs = observation(kraw, prev, decode_value(values, at), offset, EndCause.NONE)
                 if obs is not None:
                     out.append(obs)
         # A connection that ended here under a key whose earlier connection was retired in the
@@ -176,6 +179,7 @@ class FlowCollector(FlowEnds):
             kraw = layout.encode_key(key, cookie)
             raw = self._elems.lookup_and_delete(kraw)
             seen = self._reported.pop(kraw, None)
+            self._reread.discard(kraw)
             self._forget_conn_key(layout.conn_of(layout.key_parts(kraw)), kraw)
             if raw is None or seen is None:
                 continue
@@ -183,10 +187,10 @@ class FlowCollector(FlowEnds):
             if value.last_ns != seen.last_ns:
                 # Counted after the last poll: report the remainder as a new flow (all of it
                 # when the entry holds a generation no poll read: a newer connection).
-                if seen.value is not None and seen.gen == value.gen:
-                    obs = self._remainder(seen, value, offset)
+                if seen.packets is not None and seen.gen == value.gen:
+                    obs = self._remainder(kraw, seen, value, offset)
                 else:
-                    obs = self._observation(seen, value, offset, EndCause.NONE)
+                    obs = self._observation(kraw, seen, value, offset, EndCause.NONE)
                 if obs is not None:
                     self._pending.append(obs)
 
@@ -299,9 +303,12 @@ class FlowCollector(FlowEnds):
             inode = self._attacher.cookie_to_inode.get(cookie)
         return inode or 0
 
-    def _read_live(self) -> list[tuple[bytes, Reported]]:
-        """(kernel key, its Reported updated to the value just read) of every flow that changed
-        since the last poll."""
+    def _read_live(self) -> list[tuple[bytes, int, bytes, Reported]]:
+        """Every flow that changed since the last poll: (kernel key, where its value is in
+        values, the batch's values, its Reported updated to that value). The values are
+        decoded again when reported: all of a poll's decoded values at once (200,000 at the
+        first poll of an agent on a busy host: ~0.5 KB each) left the agent's heap that much
+        fragmented for good (bench.scale)."""
         reported = self._reported
         ksize, vsize = FLOW_KEY.size, FLOW_VAL.size
         last_at = layout.FLOW_VAL_LAST_NS_OFFSET
@@ -309,44 +316,47 @@ class FlowCollector(FlowEnds):
         changed: list[tuple[bytes, int, bytes, Reported | None]] = []
         total = 0
         drain, pending = self._ring.drain, self._raw_events
+        reread, self._reread = self._reread, set()
         for keys, values in self._reader.read():
             pending += drain()  # a long read must not let end-of-flow events overflow the ring
             n = len(keys) // ksize
             total += n
             for i in range(n):
                 kraw = keys[i * ksize : (i + 1) * ksize]
-                last_ns = unpack_u64(values, i * vsize + last_at)[0]
+                at = i * vsize
+                last_ns = unpack_u64(values, at + last_at)[0]
                 prev = reported.get(kraw)
-                if prev is None or prev.last_ns != last_ns:
-                    changed.append((kraw, i, values, prev))
+                if prev is None or prev.last_ns != last_ns or (reread and kraw in reread):
+                    changed.append((kraw, at, values, prev))
         self._flows_in_map = total
-        live = []
         learn = self._attr.learn_from_egress
         decode_value = layout.decode_value
-        for kraw, i, values, prev in changed:
-            if prev is None:
-                parts = layout.key_parts(kraw)
-                prev = Reported(parts, layout.conn_of(parts))
+        egress_at, protocol_at = layout.KEY_DIRECTION, layout.KEY_PROTOCOL
+        for j, (kraw, at, values, prev) in enumerate(changed):
+            renewed = prev is None
+            if renewed:
+                prev = Reported(layout.conn_of(layout.key_parts(kraw)))
                 reported[kraw] = prev
-                if parts[5] not in (TCP, UDP):  # TCP/UDP keys follow from the connection
+                if kraw[protocol_at] not in (TCP, UDP):  # TCP/UDP keys follow from the conn
                     self._conn_keys.setdefault(prev.conn, set()).add(kraw)
-            value = decode_value(values, i * vsize)
+            value = decode_value(values, at)
             if value.gen != prev.gen:
                 # A new connection took this key (the kernel retired the old flow): start over.
                 self._retired_seen[kraw] = prev
-                prev = Reported(prev.parts, prev.conn, gen=value.gen)
+                prev = Reported(prev.conn, gen=value.gen)
                 reported[kraw] = prev
-            if prev.parts[7]:  # egress: the socket's cookie and TCP health
+                renewed = True
+            if kraw[egress_at]:  # egress: the socket's cookie and TCP health
                 learn(prev.conn, value)
-            prev.last_ns = value.last_ns
-            prev.value = value
-            live.append((kraw, prev))
-        return live
+            prev.keep(value)
+            if renewed:
+                changed[j] = (kraw, at, values, prev)
+        return changed  # type: ignore[return-value]  # every Reported is set now
 
-    def _observation(self, seen: Reported, value: layout.FlowValue, offset: int,
+    def _observation(self, kraw: bytes, seen: Reported, value: layout.FlowValue, offset: int,
                      end: EndCause) -> FlowObservation | None:
-        parts, conn = seen.parts, seen.conn
-        egress_cookie = value.cookie if parts[7] else 0
+        conn = seen.conn
+        egress_cookie = value.cookie if kraw[layout.KEY_DIRECTION] else 0
         stale = egress_cookie and egress_cookie != seen.cookie
         if not seen.cookie or seen.process is None or stale:
             # Not attributed yet (or the socket changed): resolve; then reuse while it holds.
@@ -354,10 +364,10 @@ class FlowCollector(FlowEnds):
         if seen.process is None and self._attr.scoped:
             return None
         if seen.key is None:
-            inode = self._attacher.cookie_to_inode.get(parts[0])
+            inode = self._attacher.cookie_to_inode.get(conn[0])
             if inode is None:
-                inode = self._netns_inode(parts[0])
-            seen.key = layout.flow_key(parts, inode)
+                inode = self._netns_inode(conn[0])
+            seen.key = layout.key_of_conn(conn, kraw[layout.KEY_DIRECTION], inode, kraw)
         return FlowObservation(
             seen.key,
             value.ifindex,
@@ -368,17 +378,18 @@ class FlowCollector(FlowEnds):
             (value.last_ns + offset) // NS_PER_MS,
             seen.cookie,
             seen.process,
-            self._attr.health(conn) if parts[5] == TCP else None,
+            self._attr.health(conn) if conn[1] == TCP else None,
             end,
             seen.initiated,
         )
 
-    def _remainder(self, seen: Reported, value, offset: int) -> FlowObservation | None:
-        before = seen.value
-        rest = value._replace(octets=value.octets - before.octets,
-                              packets=value.packets - before.packets,
-                              first_ns=before.last_ns + 1)
-        return self._observation(seen, rest, offset, EndCause.NONE)
+    def _remainder(self, kraw: bytes, seen: Reported, value: layout.FlowValue,
+                   offset: int) -> FlowObservation | None:
+        """What was counted after the last poll read seen."""
+        rest = value._replace(octets=value.octets - seen.octets,
+                              packets=value.packets - seen.packets,
+                              first_ns=seen.last_ns + 1)
+        return self._observation(kraw, seen, rest, offset, EndCause.NONE)
 
     def _forget_conn_key(self, conn: ConnId, kraw: bytes) -> None:
         keys = self._conn_keys.get(conn)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from ebpf import layout
-from ebpf.layout import ConnId
+from ebpf.layout import KEY_DIRECTION, ConnId
 from ebpf.observation import Direction
 
 SETTLE_NS = 20_000_000
@@ -97,14 +97,14 @@ class Endings:
             sent = received = last_ns = current = 0
             for kraw in closing.keys:
                 seen = reported.get(kraw)  # collector.Reported of the last poll
-                if seen is None or seen.value is None or seen.gen != closing.gens.get(kraw, 0):
+                if seen is None or seen.packets is None or seen.gen != closing.gens.get(kraw, 0):
                     continue  # unseen, or a newer connection already took the key
                 current += 1
                 last_ns = max(last_ns, seen.last_ns)
-                if seen.parts[7] == Direction.EGRESS:
-                    sent |= seen.value.tcp_flags
+                if kraw[KEY_DIRECTION] == Direction.EGRESS:
+                    sent |= seen.tcp_flags
                 else:
-                    received |= seen.value.tcp_flags
+                    received |= seen.tcp_flags
             quiet = read_ns - last_ns >= SETTLE_NS
             finished = (sent | received) & TCP_RST or (sent & received & TCP_FIN)
             # Every key retired by the kernel (a new connection took the 5-tuple): done.

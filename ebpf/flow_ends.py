@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import errno
 import time
-from dataclasses import dataclass
 
 from ebpf import layout
 from ebpf.attribution import INITIATED_BY_ORIGIN
 from ebpf.bpfsys import BpfError
 from ebpf.layout import (
     DIRECTIONS,
+    KEY_DIRECTION,
     ConnId,
 )
 from ebpf.observation import (
@@ -45,20 +45,35 @@ FINAL_DECODERS = [
 ]
 
 
-@dataclass(slots=True)
 class Reported:
-    """What the last poll reported for one kernel flow key, kept to skip unchanged flows and
-    to reuse the FlowKey and attribution of changed ones."""
+    """What the last poll read of one kernel flow key, for as long as the flow lives: its
+    last_ns and generation, to skip it while unchanged; the counters and flags release() and
+    the endings need of the last read (not the whole value: at 100k connections the last
+    FlowValue of every key was ~0.5 KB a flow, bench.scale); and the FlowKey and attribution
+    built once and reused. The direction and protocol are read from the kernel key itself
+    (KEY_DIRECTION, KEY_PROTOCOL)."""
 
-    parts: tuple
-    conn: ConnId
-    last_ns: int = -1
-    value: layout.FlowValue | None = None
-    key: FlowKey | None = None
-    cookie: int = 0
-    process: ProcessInfo | None = None
-    initiated: bool | None = None
-    gen: int = 0
+    __slots__ = ("conn", "last_ns", "gen", "octets", "packets", "tcp_flags", "key", "cookie",
+                 "process", "initiated")
+
+    def __init__(self, conn: ConnId, gen: int = 0) -> None:
+        self.conn = conn
+        self.last_ns = -1
+        self.gen = gen
+        self.octets = 0
+        self.packets: int | None = None  # None: no poll read this generation yet
+        self.tcp_flags = 0
+        self.key: FlowKey | None = None
+        self.cookie = 0
+        self.process: ProcessInfo | None = None
+        self.initiated: bool | None = None
+
+    def keep(self, value: layout.FlowValue) -> None:
+        """Remember what later polls need of a value just read."""
+        self.last_ns = value.last_ns
+        self.octets = value.octets
+        self.packets = value.packets
+        self.tcp_flags = value.tcp_flags
 
 
 class FlowEnds:
@@ -109,16 +124,15 @@ class FlowEnds:
             if current is not None and current.gen == value.gen:
                 seen = current
             else:
-                parts = layout.key_parts(kraw)
-                seen = Reported(parts, layout.conn_of(parts), gen=value.gen)
+                seen = Reported(layout.conn_of(layout.key_parts(kraw)), gen=value.gen)
         if current is None or current.gen == value.gen:
-            self._reported[kraw] = Reported(seen.parts, seen.conn, gen=value.gen + 1)
+            self._reported[kraw] = Reported(seen.conn, gen=value.gen + 1)
         twin = self._reported.get(layout.twin_key(kraw))
-        twin_flags = twin.value.tcp_flags if twin is not None and twin.value is not None else 0
-        egress = seen.parts[7] == Direction.EGRESS
+        twin_flags = twin.tcp_flags if twin is not None else 0
+        egress = kraw[KEY_DIRECTION] == Direction.EGRESS
         sent, received = (value.tcp_flags, twin_flags) if egress else (twin_flags, value.tcp_flags)
         cause = _cause_from_flags(sent, received)
-        obs = self._observation(seen, value, self._offset_ns, cause)
+        obs = self._observation(kraw, seen, value, self._offset_ns, cause)
         if obs is None:
             return
         if kraw in self._retired_keys:
@@ -272,15 +286,14 @@ class FlowEnds:
                 seen = self._reported.pop(kraw, None)
                 if value is not None:
                     if seen is None:
-                        parts = layout.key_parts(kraw)
-                        seen = Reported(parts, layout.conn_of(parts))
+                        seen = Reported(layout.conn_of(layout.key_parts(kraw)))
                     finals.append((kraw, seen, value))
-            for _, seen, value in finals:
-                if seen.parts[7] == Direction.EGRESS:
+            for kraw, _, value in finals:
+                if kraw[KEY_DIRECTION] == Direction.EGRESS:
                     self._attr.learn_from_egress(conn, value)
             cause = _end_cause(conn[1], finals)
             for kraw, seen, value in finals:
-                obs = self._observation(seen, value, offset, cause)
+                obs = self._observation(kraw, seen, value, offset, cause)
                 if obs is None:
                     continue
                 if kraw in index:
@@ -297,8 +310,8 @@ def _end_cause(protocol: int, finals) -> EndCause:
     if protocol != TCP:
         return EndCause.CLOSED
     sent = received = 0
-    for _, seen, value in finals:
-        if seen.parts[7] == Direction.EGRESS:
+    for kraw, _, value in finals:
+        if kraw[KEY_DIRECTION] == Direction.EGRESS:
             sent |= value.tcp_flags
         else:
             received |= value.tcp_flags

@@ -13,6 +13,9 @@ from ebpf.observation import Direction, FlowKey, ProcessInfo
 
 # struct flow_key: netns cookie, saddr[16], daddr[16], sport, dport, proto, ipver, direction
 FLOW_KEY = struct.Struct("<Q16s16sHHBBBx")
+# Byte offsets in a packed flow_key: a kernel key's protocol and direction without unpacking it.
+KEY_PROTOCOL = struct.calcsize("<Q16s16sHH")
+KEY_DIRECTION = KEY_PROTOCOL + 2
 # struct flow_val: 9 u64 counters and ids, 13 u32 (the last five: peer_fin_end, fin_state, and
 # the sending process's tgid, uid, origin), padding, comm
 FLOW_VAL_FORMAT = "9Q13I4x16s"
@@ -121,12 +124,32 @@ def decode_value(raw: bytes, offset: int = 0) -> FlowValue:
     return _make_value(FLOW_VAL.unpack_from(raw, offset))
 
 
+# Addresses, ports and namespace cookies as the collector's per-flow state holds them: every
+# flow of a host shares its local addresses and namespace, both directions of a connection its
+# ports, many flows their peers' addresses and a server's port. One object each instead of one
+# per flow and key part saved ~200 bytes a flow at 100k connections (bench.scale). Kept small
+# (~1 MB): when full it starts over, which costs only some sharing, as the keys of one
+# connection are read together; unbounded, client ports cycling under churn grew it for minutes.
+_shared: dict = {}
+SHARED_PARTS_MAX = 1 << 14
+
+
+def _share(part):  # type: ignore[no-untyped-def]
+    shared = _shared.get(part)
+    if shared is None:
+        if len(_shared) >= SHARED_PARTS_MAX:
+            _shared.clear()
+        shared = _shared[part] = part
+    return shared
+
+
 def key_parts(raw: bytes, offset: int = 0):
     """(netns cookie, saddr, daddr, sport, dport, proto, ipver, direction), addresses trimmed."""
     netns, saddr, daddr, sport, dport, proto, ipver, direction = FLOW_KEY.unpack_from(raw, offset)
     if ipver == 4:
         saddr, daddr = saddr[:4], daddr[:4]
-    return netns, saddr, daddr, sport, dport, proto, ipver, direction
+    return (_share(netns), _share(saddr), _share(daddr), _share(sport), _share(dport), proto,
+            ipver, direction)
 
 
 DIRECTIONS = (Direction.INGRESS, Direction.EGRESS)
@@ -135,6 +158,17 @@ DIRECTIONS = (Direction.INGRESS, Direction.EGRESS)
 def flow_key(parts, netns_inode: int) -> FlowKey:
     _, saddr, daddr, sport, dport, proto, ipver, direction = parts
     return FlowKey(netns_inode, DIRECTIONS[direction], ipver, proto, saddr, daddr, sport, dport)
+
+
+def key_of_conn(conn: ConnId, direction: int, netns_inode: int, raw: bytes) -> FlowKey:
+    """The FlowKey of one direction of a connection, sharing the connection's parts (raw:
+    the kernel key, unpacked again only for ICMP, whose type and code conn_of drops)."""
+    _, proto, ipver, laddr, lport, raddr, rport = conn
+    if proto in ICMP_PROTOCOLS:
+        return flow_key(key_parts(raw), netns_inode)
+    if direction == Direction.EGRESS:
+        return FlowKey(netns_inode, DIRECTIONS[1], ipver, proto, laddr, raddr, lport, rport)
+    return FlowKey(netns_inode, DIRECTIONS[0], ipver, proto, raddr, laddr, rport, lport)
 
 
 def conn_of(parts) -> ConnId:

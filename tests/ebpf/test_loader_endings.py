@@ -27,9 +27,9 @@ def connection(netns: int = 7, client_port: int = 40000):
 
 
 def seen(kraw: bytes, last_ns: int, flags: int) -> Reported:
-    parts = layout.key_parts(kraw)
-    value = layout.FlowValue(*([0] * 4), flags, *([0] * 12))._replace(last_ns=last_ns)
-    return Reported(parts, layout.conn_of(parts), last_ns=last_ns, value=value)
+    reported = Reported(layout.conn_of(layout.key_parts(kraw)))
+    reported.keep(layout.FlowValue(*([0] * 4), flags, *([0] * 12))._replace(last_ns=last_ns))
+    return reported
 
 
 def closing(old_state: int, last_ns: int, flags: int):
@@ -61,7 +61,7 @@ def test_without_a_read_time_quiet_is_judged_now():
 def test_hand_over_waits_for_both_fins_even_when_quiet():
     read_ns = time.monotonic_ns()
     endings, reported, conn = closing(FIN_WAIT2, read_ns - 2 * SETTLE_NS, TCP_ACK)
-    egress = next(k for k, r in reported.items() if r.parts[7] == 1)
+    egress = next(k for k in reported if k[layout.KEY_DIRECTION] == 1)
     reported[egress] = seen(egress, read_ns - 2 * SETTLE_NS, TCP_FIN | TCP_ACK)
     assert endings.ready(reported, read_ns) == []  # our FIN only: the peer's is still due
     for kraw in reported:
