@@ -285,7 +285,7 @@ class Agent:
         packets counted since the previous poll belong in the final records."""
         exports: list[Export] = []
         try:
-            last = self.source.poll(0)
+            last = self.source.poll(0, final=True)
         except Exception as exc:  # a broken source must not cost the flows already cached
             log.error("last poll before shutdown failed: %s", exc)
             last = []

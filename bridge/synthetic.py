@@ -58,7 +58,7 @@ class SyntheticSource:
     def feed(self, observations: Iterable[FlowObservation]) -> None:
         self._pending.extend(observations)
 
-    def poll(self, timeout_ms: int) -> list[FlowObservation]:
+    def poll(self, timeout_ms: int, *, final: bool = False) -> list[FlowObservation]:
         self.polls += 1
         pending, self._pending = self._pending, []
         return pending
@@ -102,7 +102,7 @@ class ReplaySource(SyntheticSource):
                 raise UserError(f"{path}:{number}: bad observation: {exc}") from None
         self._schedule.sort(key=lambda item: item[0])
 
-    def poll(self, timeout_ms: int) -> list[FlowObservation]:
+    def poll(self, timeout_ms: int, *, final: bool = False) -> list[FlowObservation]:
         now_ms = int(self._clock() * 1000)
         due = [obs for at, obs in self._schedule if at <= now_ms]
         self._schedule = [(at, obs) for at, obs in self._schedule if at > now_ms]

@@ -35,6 +35,17 @@ from ebpf.ringbuf import RingReader
 
 log = logging.getLogger(__name__)
 
+# A TCP flow the kernel started counting less than this ago is not reported live yet: under
+# connection churn most connections end within milliseconds and arrive finalised by the kernel
+# (with their process) a poll or two later, so reading them live first (state per key,
+# attribution, an observation, a cache entry the final record must then update) was ~40% of the
+# agent's CPU (py-spy under bench.churn). A longer flow is reported from the first poll after
+# this age; the agent's last poll before it stops reports every flow (poll(final=True)). UDP
+# and ICMP flows are read at once: their end (the socket's release) finds its flows through
+# what the live read linked.
+MIN_LIVE_AGE_NS = 500 * NS_PER_MS
+EVERY_FLOW = 1 << 64  # as a young-since limit: no flow is too young
+
 
 class FlowCollector(FlowEnds):
     """Loads and attaches everything on construction; `close()` detaches everything."""
@@ -87,6 +98,7 @@ class FlowCollector(FlowEnds):
         self._final_keys: set[bytes] = set()  # finalised by the kernel, reported in this poll
         self._deferred_finals: list[tuple[bytes, FlowObservation]] = []
         self._flows_in_map = 0
+        self._young_since_ns = EVERY_FLOW
         self._offset_ns = epoch_offset_ns()
         self._stop = threading.Event()
         self.scan_existing()
@@ -95,10 +107,10 @@ class FlowCollector(FlowEnds):
 
     # -- ObservationSource ----------------------------------------------------------------------
 
-    def poll(self, timeout_ms: int) -> list[FlowObservation]:
-        # The kernel submits events without wakeups (BPF_RB_NO_WAKEUP): this only sleeps, so
-        # under churn a poll gathers timeout_ms of work instead of returning per event.
+    def poll(self, timeout_ms: int, *, final: bool = False) -> list[FlowObservation]:
         self._ring.wait(int(timeout_ms))
+        # Flows the kernel started counting after this (monotonic ns) wait for a later poll.
+        self._young_since_ns = EVERY_FLOW if final else time.monotonic_ns() - MIN_LIVE_AGE_NS
         self._attr.new_poll()
         self._rescanned = False
         # One clock offset per poll: every record of a poll is converted the same way, and
@@ -311,7 +323,9 @@ class FlowCollector(FlowEnds):
         fragmented for good (bench.scale)."""
         reported = self._reported
         ksize, vsize = FLOW_KEY.size, FLOW_VAL.size
-        last_at = layout.FLOW_VAL_LAST_NS_OFFSET
+        first_at, last_at = layout.FLOW_VAL_FIRST_NS_OFFSET, layout.FLOW_VAL_LAST_NS_OFFSET
+        young_since = self._young_since_ns
+        protocol_at = layout.KEY_PROTOCOL
         unpack_u64 = layout.U64.unpack_from
         changed: list[tuple[bytes, int, bytes, Reported | None]] = []
         total = 0
@@ -326,12 +340,17 @@ class FlowCollector(FlowEnds):
                 at = i * vsize
                 last_ns = unpack_u64(values, at + last_at)[0]
                 prev = reported.get(kraw)
-                if prev is None or prev.last_ns != last_ns or (reread and kraw in reread):
+                if prev is None:
+                    if (kraw[protocol_at] == TCP
+                            and unpack_u64(values, at + first_at)[0] > young_since):
+                        continue  # not yet: most connections end before a later poll
+                    changed.append((kraw, at, values, prev))
+                elif prev.last_ns != last_ns or (reread and kraw in reread):
                     changed.append((kraw, at, values, prev))
         self._flows_in_map = total
         learn = self._attr.learn_from_egress
         decode_value = layout.decode_value
-        egress_at, protocol_at = layout.KEY_DIRECTION, layout.KEY_PROTOCOL
+        egress_at = layout.KEY_DIRECTION
         for j, (kraw, at, values, prev) in enumerate(changed):
             renewed = prev is None
             if renewed:

@@ -20,6 +20,7 @@ KEY_DIRECTION = KEY_PROTOCOL + 2
 # the sending process's tgid, uid, origin), padding, comm
 FLOW_VAL_FORMAT = "9Q13I4x16s"
 FLOW_VAL = struct.Struct("<" + FLOW_VAL_FORMAT)
+FLOW_VAL_FIRST_NS_OFFSET = 16
 FLOW_VAL_LAST_NS_OFFSET = 24
 # struct sock_info: netns, cgroup_id, tgid, uid, bound_port, protocol, origin, comm
 SOCK_INFO = struct.Struct("<QQIIHBB4x16s")

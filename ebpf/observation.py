@@ -102,10 +102,12 @@ class SourceStats:
 class ObservationSource(Protocol):
     """A producer of observations: the eBPF collector, or a synthetic source in tests."""
 
-    def poll(self, timeout_ms: int) -> list[FlowObservation]:
+    def poll(self, timeout_ms: int, *, final: bool = False) -> list[FlowObservation]:
         """Observations of flows that changed since the last poll (live flows read from the
         kernel's maps in batches) and of flows that ended (from the ring buffer). Waits at most
-        timeout_ms for end-of-flow events."""
+        timeout_ms for end-of-flow events. A source may hold back a flow that only just began
+        (most end soon, and are cheaper reported once, ended); `final` (the last poll before
+        the agent stops) reports every flow."""
         ...
 
     def release(self, keys: list[FlowKey]) -> None:

@@ -268,8 +268,8 @@ class TeeSource:
         self._clock_ms = clock_ms
         self._next_prune = 0
 
-    def poll(self, timeout_ms: int) -> list[FlowObservation]:
-        observations = self.source.poll(timeout_ms)  # type: ignore[attr-defined]
+    def poll(self, timeout_ms: int, *, final: bool = False) -> list[FlowObservation]:
+        observations = self.source.poll(timeout_ms, final=final)  # type: ignore[attr-defined]
         now_ms = self._clock_ms()
         if observations:
             self.table.update(observations, now_ms)
