@@ -40,6 +40,16 @@ def open_collector(**kwargs: object):
 
 
 @pytest.fixture(scope="module")
+def loopback_collector() -> Iterator[object]:
+    """A collector of the host's own flows (loopback traffic of the test process)."""
+    source = open_collector()
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+@pytest.fixture(scope="module")
 def lab() -> Iterator[NetLab]:
     require_lab()
     with NetLab() as built:

@@ -7,27 +7,16 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
-import pytest
-
 from ebpf import layout
 from ebpf.attribution import Attribution
 from ebpf.observation import Direction
-from tests.ebpf.test_loader import collect, open_collector
+from tests.ebpf.test_loader import collect
 
 LOOPBACK = bytes([127, 0, 0, 1])
 PEER = bytes([10, 0, 0, 9])
 
 
-@pytest.fixture(scope="module")
-def collector() -> Iterator:
-    source = open_collector(poll_interval_s=0.2)
-    try:
-        yield source
-    finally:
-        source.close()
-
-
-def test_release_reports_what_was_counted_after_the_last_poll(needs_root, collector):
+def test_release_reports_what_was_counted_after_the_last_poll(needs_root, loopback_collector):
     """The collector keeps the last read's counters, not the whole value: the remainder of a
     flow released between polls is exactly the packets counted since that read."""
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -38,15 +27,15 @@ def test_release_reports_what_was_counted_after_the_last_poll(needs_root, collec
     def mine(seen):
         return [k for k in seen if k.dst_port == 47511 and k.direction == Direction.EGRESS]
 
-    observed = collect(collector, lambda seen: bool(mine(seen)))
+    observed = collect(loopback_collector, lambda seen: bool(mine(seen)))
     key = mine(observed)[0]
     first = observed[key]
     assert (first.packets, first.octets) == (1, 10 + 28)
     # Loopback egress is counted in the sending call: both are in the map before the release.
     sender.sendto(b"b" * 20, ("127.0.0.1", 47511))
     sender.sendto(b"c" * 30, ("127.0.0.1", 47511))
-    collector.release([key])
-    rest = [obs for obs in collector.poll(0) if obs.key == key]
+    loopback_collector.release([key])
+    rest = [obs for obs in loopback_collector.poll(0) if obs.key == key]
     assert [(obs.packets, obs.octets) for obs in rest] == [(2, 20 + 30 + 2 * 28)]
     assert rest[0].first_ms >= first.last_ms and rest[0].last_ms >= rest[0].first_ms
     assert rest[0].process is not None and rest[0].process.pid > 0

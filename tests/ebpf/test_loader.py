@@ -13,7 +13,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +38,8 @@ def open_collector(**kwargs):
 
 
 @pytest.fixture(scope="module")
-def collector() -> Iterator:
-    source = open_collector(poll_interval_s=0.2)
-    try:
-        yield source
-    finally:
-        source.close()
+def collector(loopback_collector):
+    return loopback_collector
 
 
 # -- capture ----------------------------------------------------------------------------------

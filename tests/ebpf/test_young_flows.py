@@ -6,24 +6,11 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from ebpf.collector import MIN_LIVE_AGE_NS
 from ebpf.observation import EndCause, FlowObservation
-from tests.ebpf.test_loader import open_collector
 
 PORT = 47531
-
-
-@pytest.fixture(scope="module")
-def collector() -> Iterator:
-    source = open_collector(poll_interval_s=0.2)
-    try:
-        yield source
-    finally:
-        source.close()
 
 
 def _connection(port: int) -> tuple[socket.socket, socket.socket, socket.socket]:
@@ -42,15 +29,15 @@ def _mine(observations: list[FlowObservation], port: int) -> list[FlowObservatio
     return [o for o in observations if port in (o.key.src_port, o.key.dst_port)]
 
 
-def test_young_tcp_flow_waits_then_is_reported_live(needs_root, collector):
-    collector.poll(0)
+def test_young_tcp_flow_waits_then_is_reported_live(needs_root, loopback_collector):
+    loopback_collector.poll(0)
     opened_ns = time.monotonic_ns()
     sockets = _connection(PORT)
     try:
         seen: list[FlowObservation] = []
         deadline = time.monotonic() + 10
         while not seen and time.monotonic() < deadline:
-            seen = _mine(collector.poll(20), PORT)
+            seen = _mine(loopback_collector.poll(20), PORT)
             returned_ns = time.monotonic_ns()
             # Every packet of the connection came after opened_ns, and the poll reads its clock
             # before it returns: one that returns less than the age after it must not report it.
@@ -68,11 +55,11 @@ def test_young_tcp_flow_waits_then_is_reported_live(needs_root, collector):
             sock.close()
 
 
-def test_final_poll_reports_a_young_flow_at_once(needs_root, collector):
-    collector.poll(0)
+def test_final_poll_reports_a_young_flow_at_once(needs_root, loopback_collector):
+    loopback_collector.poll(0)
     sockets = _connection(PORT + 1)
     try:
-        observations = _mine(collector.poll(0, final=True), PORT + 1)
+        observations = _mine(loopback_collector.poll(0, final=True), PORT + 1)
         assert len(observations) == 4, observations
         assert all(o.end == EndCause.NONE and o.packets >= 1 for o in observations)
     finally:
