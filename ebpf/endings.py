@@ -44,6 +44,7 @@ class Closing:
     deadline_ns: int
     gens: dict[bytes, int]  # kernel key -> generation when the socket closed
     keys: list[bytes]  # the connection's two kernel keys
+    heard_ns: int  # when the close was heard (monotonic)
 
 
 class Endings:
@@ -57,11 +58,13 @@ class Endings:
         """Start waiting for conn's end; returns the entry it replaces (an earlier connection
         on the same 5-tuple, whose flows the kernel retired when the new one began)."""
         handover = old_state in HANDOVER_STATES
-        deadline = time.monotonic_ns() + (self._fin_timeout_ns if handover else 0)
+        now = time.monotonic_ns()
+        deadline = now + (self._fin_timeout_ns if handover else 0)
         replaced = self.closing.get(conn)
         if replaced is not None:
             self._drop_cookie(replaced.cookie)
-        self.closing[conn] = Closing(cookie, handover, deadline, gens, layout.kernel_keys_of(conn))
+        self.closing[conn] = Closing(cookie, handover, deadline, gens, layout.kernel_keys_of(conn),
+                                     now)
         self._cookies[cookie] = self._cookies.get(cookie, 0) + 1
         return replaced
 
@@ -105,6 +108,10 @@ class Endings:
                     sent |= seen.tcp_flags
                 else:
                     received |= seen.tcp_flags
+            if not current and not closing.gens:
+                # No poll had read the flows when the socket closed (a TCP flow is read live
+                # only once it is MIN_LIVE_AGE_NS old): quiet counts from the close instead.
+                last_ns = closing.heard_ns
             quiet = read_ns - last_ns >= SETTLE_NS
             finished = (sent | received) & TCP_RST or (sent & received & TCP_FIN)
             # Every key retired by the kernel (a new connection took the 5-tuple): done.

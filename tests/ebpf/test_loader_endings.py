@@ -69,6 +69,18 @@ def test_hand_over_waits_for_both_fins_even_when_quiet():
     assert [c for c, _, _ in endings.ready(reported, read_ns)] == [conn]
 
 
+def test_flows_no_poll_read_settle_from_the_close():
+    """A connection closed before a poll read its flows (young: ebpf/collector.py
+    MIN_LIVE_AGE_NS) has no last packet time here: its packets may still be arriving, so it is
+    taken only once the close is SETTLE_NS old, not at once."""
+    conn, _ = connection()
+    endings = Endings()
+    endings.add(conn, cookie=1234, old_state=LAST_ACK, gens={})
+    heard = endings.closing[conn].heard_ns
+    assert endings.ready({}, heard + SETTLE_NS // 2) == []
+    assert [c for c, _, _ in endings.ready({}, heard + SETTLE_NS)] == [conn]
+
+
 class TakingFlows(FlowEnds):
     """FlowEnds over a fake map whose put-back fails the way the kernel's can under churn."""
 
