@@ -24,24 +24,28 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def _user_system_ticks(pid: int) -> tuple[int, int]:
+    """utime and stime (fields 14 and 15 of /proc/PID/stat), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime (fields 14 and 15 of /proc/PID/stat) of a process and its descendants."""
+    """utime + stime of a process and its descendants."""
     total = 0
     for member in process_tree(pid):
         try:
-            with open(f"/proc/{member}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(_user_system_ticks(member))
         except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
+            continue  # exited meanwhile
     return total / CLK_TCK
 
 
 def user_system_seconds(pid: int) -> tuple[float, float]:
     """(utime, stime) of one process: what the agent spends in Python and in the kernel."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    user, system = _user_system_ticks(pid)
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def children_cpu_seconds() -> float:

@@ -24,7 +24,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from enum import IntEnum
 
-from ebpf.observation import Direction, EndCause, FlowKey, FlowObservation
+from ebpf.observation import EndCause, FlowKey, FlowObservation
 
 
 class EndReason(IntEnum):
@@ -101,19 +101,6 @@ class Flow:
 # ifindex, tcp_flags, process, tcp (None, or with srtt_us) and local_initiated, which is all
 # that records read.
 Export = tuple
-
-
-def reverse_key(key: FlowKey) -> FlowKey:
-    return FlowKey(
-        key.netns,
-        Direction(1 - key.direction),
-        key.ip_version,
-        key.protocol,
-        key.dst_addr,
-        key.src_addr,
-        key.dst_port,
-        key.src_port,
-    )
 
 
 def _reverse(key: FlowKey) -> tuple:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 
 from ebpf import bpfsys, layout
-from tests.ebpf.conftest import open_collector
 
 SO_COOKIE = 57  # asm-generic/socket.h
 SO_NETNS_COOKIE = 71
@@ -26,12 +24,8 @@ TCP, UDP = 6, 17
 
 
 @pytest.fixture(scope="module")
-def collector() -> Iterator[object]:
-    source = open_collector()
-    try:
-        yield source
-    finally:
-        source.close()
+def collector(loopback_collector):
+    return loopback_collector
 
 
 def cookie_of(sock: socket.socket) -> int:
