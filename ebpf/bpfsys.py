@@ -263,10 +263,10 @@ class BatchReader:
                     raise
                 done = True
             count = struct.unpack_from("<I", attr, 32)[0]
-            if count:
+            if count:  # string_at copies only what the kernel filled, not the whole buffer
                 yield (
-                    self._keys.raw[: count * self.key_size],
-                    self._values.raw[: count * self.value_size],
+                    ctypes.string_at(self._keys, count * self.key_size),
+                    ctypes.string_at(self._values, count * self.value_size),
                 )
             if done:
                 return
