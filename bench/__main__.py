@@ -11,8 +11,10 @@ from pathlib import Path
 ALL = ["encode", "pipeline", "scale", "overhead", "churn"]
 
 # Run only when named: `python -m bench fuzz` feeds the collect decoder 2 million hostile
-# datagrams (minutes; `python -m bench.fuzz --help` for counts, seeds and atheris).
-LONG = ["fuzz"]
+# datagrams (minutes; `python -m bench.fuzz --help` for counts, seeds and atheris);
+# `hook_interleave` and `hooks` take the collector's cost to nginx + wrk apart (minutes; run
+# them under `ip netns exec`, see their --help).
+LONG = ["fuzz", "hook_interleave", "hooks"]
 
 
 def main(argv: list[str]) -> int:

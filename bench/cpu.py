@@ -42,6 +42,20 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def tree_runtime_ns(pid: int) -> int:
+    """Nanoseconds the scheduler ran a process's threads and its descendants' threads
+    (/proc/PID/task/TID/schedstat): exact, where utime and stime count whole clock ticks."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            for task in os.listdir(f"/proc/{member}/task"):
+                with open(f"/proc/{member}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except OSError:
+            continue  # exited meanwhile
+    return total
+
+
 def user_system_seconds(pid: int) -> tuple[float, float]:
     """(utime, stime) of one process: what the agent spends in Python and in the kernel."""
     user, system = _user_system_ticks(pid)

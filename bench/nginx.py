@@ -114,6 +114,10 @@ class Nginx:
     def truncate_log(self) -> None:
         (self.root / "access.log").write_bytes(b"")
 
+    @property
+    def log_path(self) -> Path:
+        return self.root / "access.log"
+
     def logged_connections(self) -> tuple[int, Counter[int]]:
         """(requests, connections per client port) logged since the last truncate_log(); a
         connection is nginx's connection serial number, so keep-alive requests count once."""
@@ -125,11 +129,18 @@ class Nginx:
         return requests, Counter(port for port, _ in connections)
 
 
-def run_wrk(url: str, seconds: int, connections: int, close: bool, threads: int = 1) -> WrkResult:
+def wrk_argv(url: str, seconds: int, connections: int, close: bool, threads: int = 1
+             ) -> list[str]:
     """wrk against url; close=True sends `Connection: close` (one connection per request)."""
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", url]
     if close:
         argv[1:1] = ["-H", "Connection: close"]
+    return argv
+
+
+def run_wrk(url: str, seconds: int, connections: int, close: bool, threads: int = 1) -> WrkResult:
+    """wrk against url, to its end; its result and CPU."""
+    argv = wrk_argv(url, seconds, connections, close, threads)
     cpu_before = children_cpu_seconds()
     out = subprocess.run(
         argv, capture_output=True, text=True, check=True, timeout=seconds + 30

@@ -12,9 +12,10 @@ One JSON line per result: {"name", "value", "unit", "peer", "peer_value", "ratio
 the same nginx without the collector (for the missing-connections lines: nginx's access log).
 Besides req/s (noisy on a shared machine): the CPU nginx and wrk spend per request with and
 without the collector (its kernel programs run on their CPUs), the kernel ns per request or
-connection in the collector's BPF programs (run_time_ns; statistics are on for the whole run,
-which adds two clock reads per program run: the figures are slightly pessimistic), and for
-`close` the polling thread's CPU per 1000 connections.
+connection in the collector's BPF programs (run_time_ns, from one more round with the BPF
+statistics on: they cost every program run two clock reads, ~1-4 us per loopback connection
+with the collector's ~31 runs (bench.hook_interleave), so the rounds compared above run with
+them off), and for `close` the polling thread's CPU per 1000 connections.
 The kernel figures count the TC programs of this process's network namespace only. On a
 machine other loads share, run the benchmark in a namespace and cgroup of its own so that they
 count its own connections only: `ip netns exec NS python -m bench.overhead --cgroup DIR` (the
@@ -38,6 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.nginx import Nginx, WrkResult, run_wrk
 from bench.results import emit
@@ -181,14 +183,16 @@ def own_kernel_costs() -> dict[str, progstats.ProgramCost]:
     return progstats.snapshot(tc_ifindexes=tuple(i for i, _ in socket.if_nameindex()))
 
 
-def enter_cgroup(cgroup: str) -> None:
-    """This process (and nginx and wrk, started after) into `cgroup`, created if needed."""
+def enter_cgroup(cgroup: str) -> Path:
+    """This process (and nginx and wrk, started after) into `cgroup`, created if needed; its
+    path."""
     from ebpf.loader import resolve_cgroup
 
     root = resolve_cgroup(None)
     path = root / cgroup
     path.mkdir(exist_ok=True)
     (path / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    return path
 
 
 def bench_mode(
@@ -213,6 +217,11 @@ def bench_mode(
                 file=sys.stderr,
                 flush=True,
             )
+    with progstats.stats_enabled():  # run_time_ns: a round of its own, not compared
+        stats_round = measured_round(nginx, attach, args.seconds, args.connections, close)
+    print(f"# {mode} statistics round: {stats_round.result.requests_per_s:.0f} req/s, "
+          f"{stats_round.load_us_per_request:.1f} us nginx+wrk CPU per request, "
+          f"{json.dumps(stats_round.check)}", file=sys.stderr, flush=True)
     rates = {arm: [r.result.requests_per_s for r in rs] for arm, rs in rounds.items()}
     with_collector = statistics.median(rates[True])
     without = statistics.median(rates[False])
@@ -232,23 +241,18 @@ def bench_mode(
     load_without = statistics.median(r.load_us_per_request for r in rounds[False])
     emit(f"nginx_{mode}_load_cpu_per_request", load_with, "us",
          "nginx+wrk without collector", load_without)
-    kernel: dict[str, progstats.ProgramCost] = {}
-    for r in rounds[True]:
-        for name, cost in r.kernel.items():
-            before = kernel.get(name, progstats.ProgramCost(0, 0))
-            kernel[name] = progstats.ProgramCost(before.run_time_ns + cost.run_time_ns,
-                                                 before.run_cnt + cost.run_cnt)
-    requests = sum(r.result.requests for r in rounds[True])
+    kernel = stats_round.kernel
+    requests = stats_round.result.requests
     if requests and kernel:
         unit = "connection" if close else "request"
         print(f"# {mode}: kernel {progstats.describe(kernel, requests, unit)}",
               file=sys.stderr, flush=True)
         emit(f"nginx_{mode}_kernel_ns_per_{unit}", progstats.total_ns(kernel) / requests, "ns",
              "nginx+wrk CPU per request without collector", load_without * 1000)
-    checks = [r.check for r in rounds[True] if r.check]
+    checks = [r.check for r in [*rounds[True], stats_round] if r.check]
     logged = sum(c["connections_logged"] for c in checks)
     if close and logged:
-        collector_cpu = sum(r.collector_cpu_s for r in rounds[True])
+        collector_cpu = sum(r.collector_cpu_s for r in [*rounds[True], stats_round])
         emit("nginx_close_collector_cpu_per_1000_connections", collector_cpu * 1e6 / logged,
              "ms", "issue 6 budget for the whole agent (10% of a core at 10k conn/s)", 10.0)
     missing = sum(c["missing"] for c in checks)
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cgroup:
         enter_cgroup(args.cgroup)
         attach = functools.partial(FlowCollector, cgroup=args.cgroup)
-    with Nginx(workers=args.workers) as nginx, progstats.stats_enabled():
+    with Nginx(workers=args.workers) as nginx:
         for mode in args.modes.split(","):
             ratio, missing = bench_mode(nginx, attach, mode, args)
             over_budget |= ratio < BUDGET_RATIO or missing > 0

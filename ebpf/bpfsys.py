@@ -59,25 +59,29 @@ def _bpf(cmd: int, attr: ctypes.Array) -> int:
     return ret
 
 
-def prog_load(prog_type: int, insns: bytes, name: str, license_: bytes = b"GPL") -> int:
+def prog_load(prog_type: int, insns: bytes, name: str, license_: bytes = b"GPL",
+              expected_attach_type: int = 0) -> int:
     """Load already-relocated bytecode (map fds in place, as bcc emits it); returns the fd.
+    Cgroup programs other than sock_create must name their attach type at load
+    (`expected_attach_type`, a CGROUP_* constant here).
 
     Loaded without a verifier log (a program verified fine fails with ENOSPC when its log does
     not fit the buffer); a failure is retried with the log, for its last line."""
     try:
-        return _prog_load(prog_type, insns, name, license_, log_size=0)
+        return _prog_load(prog_type, insns, name, license_, 0, expected_attach_type)
     except BpfError:
         pass
-    return _prog_load(prog_type, insns, name, license_, log_size=1 << 24)
+    return _prog_load(prog_type, insns, name, license_, 1 << 24, expected_attach_type)
 
 
-def _prog_load(prog_type: int, insns: bytes, name: str, license_: bytes, log_size: int) -> int:
+def _prog_load(prog_type: int, insns: bytes, name: str, license_: bytes, log_size: int,
+               expected_attach_type: int) -> int:
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license_)
     log = ctypes.create_string_buffer(max(log_size, 1))
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
     struct.pack_into(
-        "<IIQQIIQII16s",
+        "<IIQQIIQII16sII",
         attr,
         0,
         prog_type,
@@ -90,6 +94,8 @@ def _prog_load(prog_type: int, insns: bytes, name: str, license_: bytes, log_siz
         0,
         0,
         name.encode()[:15],
+        0,  # prog_ifindex
+        expected_attach_type,
     )
     try:
         return _bpf(BPF_PROG_LOAD, attr)

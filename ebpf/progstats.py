@@ -12,7 +12,10 @@ network namespace) are summed. The benchmarks report kernel ns per connection fr
 On a shared machine the counting programs also run for other namespaces' traffic (a copy per
 namespace): `snapshot(tc_ifindexes=...)` counts only the TCX programs attached to those
 interfaces of the caller's namespace (BPF_PROG_QUERY), so that a benchmark run in a namespace
-(and a cgroup, for the socket hooks) of its own measures its own connections only.
+(and a cgroup, for the socket hooks) of its own measures its own connections only. What still
+runs for such a benchmark's traffic from outside (another collector's programs on the root
+cgroup: `cgroup_program_ids`, or on its `lo`: `tcx_program_ids`, set against
+`held_program_ids`) and who else holds the statistics on (`stats_holders`) can be checked.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_ENABLE_STATS = 32
+BPF_F_QUERY_EFFECTIVE = 1
 PROG_TYPE_SCHED_CLS = 3
 BPF_STATS_RUN_TIME = 0
 _INFO_NAME_OFFSET = 64  # struct bpf_prog_info: char name[16] (stable since Linux 4.15)
@@ -79,26 +83,57 @@ def _program_fds(pid: int | str) -> Iterator[tuple[int, dict[str, str]]]:
             yield int(name), {k: v.strip() for k, v in fields.items()}
 
 
+def _query(target: int, attach_type: int, flags: int = 0) -> set[int]:
+    """BPF_PROG_QUERY: ids of the programs attached to a target (an ifindex for TCX, a cgroup
+    fd for cgroup hooks); an interface that went meanwhile has none."""
+    prog_ids = (ctypes.c_uint32 * 1024)()  # more than any target carries (else ENOSPC)
+    attr = ctypes.create_string_buffer(bpfsys._ATTR_SIZE)
+    # struct bpf_attr.query: target_ifindex or target_fd, attach_type, query_flags,
+    # attach_flags, prog_ids (pointer), prog_cnt (in: room, out: count)
+    struct.pack_into("<IIIIQI", attr, 0, target, attach_type, flags, 0,
+                     ctypes.addressof(prog_ids), len(prog_ids))
+    try:
+        bpfsys._bpf(BPF_PROG_QUERY, attr)
+    except bpfsys.BpfError as exc:
+        if exc.errno == errno.ENODEV:
+            return set()
+        raise
+    (count,) = struct.unpack_from("<I", attr, 24)
+    return set(prog_ids[: min(count, len(prog_ids))])
+
+
 def tcx_program_ids(ifindex: int) -> set[int]:
     """Ids of the TCX programs (ingress and egress) attached to an interface of the calling
     thread's network namespace."""
-    ids: set[int] = set()
-    for attach_type in (bpfsys.TCX_INGRESS, bpfsys.TCX_EGRESS):
-        prog_ids = (ctypes.c_uint32 * 1024)()  # more than any interface carries (else ENOSPC)
-        attr = ctypes.create_string_buffer(bpfsys._ATTR_SIZE)
-        # struct bpf_attr.query: target_ifindex, attach_type, query_flags, attach_flags,
-        # prog_ids (pointer), prog_cnt (in: room, out: count)
-        struct.pack_into("<IIIIQI", attr, 0, ifindex, attach_type, 0, 0,
-                         ctypes.addressof(prog_ids), len(prog_ids))
+    return _query(ifindex, bpfsys.TCX_INGRESS) | _query(ifindex, bpfsys.TCX_EGRESS)
+
+
+def cgroup_program_ids(cgroup_fd: int, attach_type: int) -> set[int]:
+    """Ids of the programs that run for a cgroup's sockets at one hook: its own and those
+    attached to its ancestors (the effective set), whoever attached them."""
+    return _query(cgroup_fd, attach_type, BPF_F_QUERY_EFFECTIVE)
+
+
+def held_program_ids(pid: int | str = "self") -> set[int]:
+    """Ids of the BPF programs a process holds a descriptor of."""
+    return {int(fields["prog_id"]) for _fd, fields in _program_fds(pid) if "prog_id" in fields}
+
+
+def stats_holders() -> list[int]:
+    """Processes holding a BPF_ENABLE_STATS descriptor: while any does, every program run
+    pays the statistics' clock reads (the sysctl kernel.bpf_stats_enabled does not show it)."""
+    holders = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
         try:
-            bpfsys._bpf(BPF_PROG_QUERY, attr)
-        except bpfsys.BpfError as exc:
-            if exc.errno == errno.ENODEV:  # the interface went meanwhile
-                return ids
-            raise
-        (count,) = struct.unpack_from("<I", attr, 24)
-        ids.update(prog_ids[: min(count, len(prog_ids))])
-    return ids
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-stats":
+                    holders.append(int(pid))
+                    break
+        except OSError:
+            continue  # exited meanwhile, or a descriptor closed
+    return holders
 
 
 def snapshot(pid: int | str = "self", tc_ifindexes: tuple[int, ...] | None = None
