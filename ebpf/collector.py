@@ -5,7 +5,8 @@ the last poll. A TCP connection whose end the counting programs saw (both FINs a
 a RST) arrives finalised by the kernel: one ring buffer record with both directions' final
 counters, the entries already deleted. Other ends (socket release, a TCP close the kernel could
 not finalise) arrive as events, and their final counters are taken from the map and removed in
-one step. See ebpf/README.md for the counting design and its limits.
+one step. A TCP entry on lo counts both sockets' flows of its packets (ebpf/loopback.py). See
+ebpf/README.md for the counting design and its limits.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from ebpf.existing_scan import SocketMaps, learn_existing_sockets
 from ebpf.flow_ends import NS_PER_MS, TCP, UDP, FlowEnds, Reported, epoch_offset_ns
 from ebpf.interfaces import InterfaceAttacher
 from ebpf.layout import FLOW_KEY, FLOW_VAL, ConnId
+from ebpf.live_read import EVERY_FLOW, MIN_LIVE_AGE_NS, LiveRead
 from ebpf.loader import load
+from ebpf.loopback import LoopbackEnds
 from ebpf.observation import (
     EndCause,
     FlowKey,
@@ -35,19 +38,7 @@ from ebpf.ringbuf import RingReader
 
 log = logging.getLogger(__name__)
 
-# A TCP flow the kernel started counting less than this ago is not reported live yet: under
-# connection churn most connections end within milliseconds and arrive finalised by the kernel
-# (with their process) a poll or two later, so reading them live first (state per key,
-# attribution, an observation, a cache entry the final record must then update) was ~40% of the
-# agent's CPU (py-spy under bench.churn). A longer flow is reported from the first poll after
-# this age; the agent's last poll before it stops reports every flow (poll(final=True)). UDP
-# and ICMP flows are read at once: their end (the socket's release) finds its flows through
-# what the live read linked.
-MIN_LIVE_AGE_NS = 500 * NS_PER_MS
-EVERY_FLOW = 1 << 64  # as a young-since limit: no flow is too young
-
-
-class FlowCollector(FlowEnds):
+class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
     """Loads and attaches everything on construction; `close()` detaches everything."""
 
     def __init__(
@@ -130,13 +121,16 @@ class FlowCollector(FlowEnds):
         retired: list[FlowObservation] = []
         ended = []
         finals = []
+        loopback_finals = []
         event_kind = layout.event_kind
         for item in raw:
             kind = event_kind(item)
             if kind == layout.EV_FLOW_FINAL:
                 finals.append(item)
+            elif kind == layout.EV_LOOPBACK_FINAL:
+                loopback_finals.append(item)
             elif kind == layout.EV_FLOW_RETIRED:
-                self._retire(*layout.decode_retired(item), retired)
+                self._retire_record(item, retired)
             else:
                 ended.append(layout.decode_event(item))
         for event in ended:
@@ -145,6 +139,8 @@ class FlowCollector(FlowEnds):
         # record (the kernel sends the event only while the entries exist).
         if finals:
             self._finals(finals, out, index)
+        if loopback_finals:
+            self._loopback_finals(loopback_finals, out, index)
         for conn, cookie, gens in self._endings.ready(self._reported, read_ns):
             self._finish(cookie, [conn], out, index, gens)
         self._retired_seen.clear()
@@ -184,25 +180,33 @@ class FlowCollector(FlowEnds):
     def release(self, keys: list[FlowKey]) -> None:
         cookies = {state.ns.inode: state.cookie for state in self._attacher.namespaces.values()}
         offset = self._offset_ns  # the poll's: every record of a step converts times alike
+        released = {}
         for key in keys:
             cookie = cookies.get(key.netns)
-            if cookie is None:
+            if cookie is not None:
+                released[layout.encode_key(key, cookie)] = key
+        done: set[bytes] = set()
+        for kraw in released:
+            if kraw in done:
                 continue
-            kraw = layout.encode_key(key, cookie)
-            raw = self._elems.lookup_and_delete(kraw)
-            seen = self._reported.pop(kraw, None)
-            self._reread.discard(kraw)
-            self._forget_conn_key(layout.conn_of(layout.key_parts(kraw)), kraw)
-            if raw is None or seen is None:
-                continue
-            value = layout.decode_value(raw)
-            if value.last_ns != seen.last_ns:
-                # Counted after the last poll: report the remainder as a new flow (all of it
-                # when the entry holds a generation no poll read: a newer connection).
-                if seen.packets is not None and seen.gen == value.gen:
-                    obs = self._remainder(kraw, seen, value, offset)
-                else:
-                    obs = self._observation(kraw, seen, value, offset, EndCause.NONE)
+            # A TCP entry on lo counts two flows (ebpf/loopback.py): both go with it.
+            views = self._take_views(kraw, None) or [(kraw, None)]
+            for view, value in views:
+                done.add(view)
+                seen = self._reported.pop(view, None)
+                self._reread.discard(view)
+                self._forget_conn_key(layout.conn_of(layout.key_parts(view)), view)
+                if value is None or seen is None or value.last_ns == seen.last_ns:
+                    continue
+                if view not in released:
+                    # The other flow of a lo entry, still live in the cache: its final counts
+                    # (a later entry restarts from zero, which the cache takes as a reset).
+                    obs = self._observation(view, seen, value, offset, EndCause.NONE)
+                elif seen.packets is not None and seen.gen == value.gen:
+                    # Counted after the last poll: report the remainder as a new flow.
+                    obs = self._remainder(view, seen, value, offset)
+                else:  # all of it: the entry holds a generation no poll read (newer connection)
+                    obs = self._observation(view, seen, value, offset, EndCause.NONE)
                 if obs is not None:
                     self._pending.append(obs)
 
@@ -314,63 +318,6 @@ class FlowCollector(FlowEnds):
             self._attacher.sync()
             inode = self._attacher.cookie_to_inode.get(cookie)
         return inode or 0
-
-    def _read_live(self) -> list[tuple[bytes, int, bytes, Reported]]:
-        """Every flow that changed since the last poll: (kernel key, where its value is in
-        values, the batch's values, its Reported updated to that value). The values are
-        decoded again when reported: all of a poll's decoded values at once (200,000 at the
-        first poll of an agent on a busy host: ~0.5 KB each) left the agent's heap that much
-        fragmented for good (bench.scale)."""
-        reported = self._reported
-        ksize, vsize = FLOW_KEY.size, FLOW_VAL.size
-        first_at, last_at = layout.FLOW_VAL_FIRST_NS_OFFSET, layout.FLOW_VAL_LAST_NS_OFFSET
-        young_since = self._young_since_ns
-        protocol_at = layout.KEY_PROTOCOL
-        unpack_u64 = layout.U64.unpack_from
-        changed: list[tuple[bytes, int, bytes, Reported | None]] = []
-        total = 0
-        drain, pending = self._ring.drain, self._raw_events
-        reread, self._reread = self._reread, set()
-        for keys, values in self._reader.read():
-            pending += drain()  # a long read must not let end-of-flow events overflow the ring
-            n = len(keys) // ksize
-            total += n
-            for i in range(n):
-                kraw = keys[i * ksize : (i + 1) * ksize]
-                at = i * vsize
-                last_ns = unpack_u64(values, at + last_at)[0]
-                prev = reported.get(kraw)
-                if prev is None:
-                    if (kraw[protocol_at] == TCP
-                            and unpack_u64(values, at + first_at)[0] > young_since):
-                        continue  # not yet: most connections end before a later poll
-                    changed.append((kraw, at, values, prev))
-                elif prev.last_ns != last_ns or (reread and kraw in reread):
-                    changed.append((kraw, at, values, prev))
-        self._flows_in_map = total
-        learn = self._attr.learn_from_egress
-        decode_value = layout.decode_value
-        egress_at = layout.KEY_DIRECTION
-        for j, (kraw, at, values, prev) in enumerate(changed):
-            renewed = prev is None
-            if renewed:
-                prev = Reported(layout.conn_of(layout.key_parts(kraw)))
-                reported[kraw] = prev
-                if kraw[protocol_at] not in (TCP, UDP):  # TCP/UDP keys follow from the conn
-                    self._conn_keys.setdefault(prev.conn, set()).add(kraw)
-            value = decode_value(values, at)
-            if value.gen != prev.gen:
-                # A new connection took this key (the kernel retired the old flow): start over.
-                self._retired_seen[kraw] = prev
-                prev = Reported(prev.conn, gen=value.gen)
-                reported[kraw] = prev
-                renewed = True
-            if kraw[egress_at]:  # egress: the socket's cookie and TCP health
-                learn(prev.conn, value)
-            prev.keep(value)
-            if renewed:
-                changed[j] = (kraw, at, values, prev)
-        return changed  # type: ignore[return-value]  # every Reported is set now
 
     def _observation(self, kraw: bytes, seen: Reported, value: layout.FlowValue, offset: int,
                      end: EndCause) -> FlowObservation | None:

@@ -35,13 +35,13 @@ FLOW_KEY_PACK = layout.FLOW_KEY.pack
 # the egress direction. One decoder per key direction (the egress value is the record's own or
 # the other) and IP version: FINAL_DECODERS[direction + 2 * (ipver == 4)].
 _COUNTS = ("octets", "packets", "first_ns", "last_ns", "tcp_flags", "ifindex")
-_EGRESS = ("octets", "packets", "first_ns", "last_ns", "tcp_flags", "cookie", "cgroup_id",
-           "retrans_packets", "retrans_bytes", "ifindex", "srtt_us", "min_rtt_us", "snd_cwnd",
-           "state", "tgid", "uid", "origin", "comm")
+EGRESS_FIELDS = ("octets", "packets", "first_ns", "last_ns", "tcp_flags", "cookie",
+                 "cgroup_id", "retrans_packets", "retrans_bytes", "ifindex", "srtt_us",
+                 "min_rtt_us", "snd_cwnd", "state", "tgid", "uid", "origin", "comm")
 FINAL_DECODERS = [
     layout.final_decoder(own, other, ipv4).unpack
     for ipv4 in (False, True)
-    for own, other in ((_COUNTS, _EGRESS), (_EGRESS, _COUNTS))
+    for own, other in ((_COUNTS, EGRESS_FIELDS), (EGRESS_FIELDS, _COUNTS))
 ]
 
 
@@ -148,9 +148,10 @@ class FlowEnds:
         operation here, and state only for a connection a poll saw live or whose socket's
         close came first (ebpf/flows.bpf.c: close_needs_agent).
 
-        The commonest work of the agent under connection churn (two records per loopback
-        connection), so written flat: a record is decoded into only the fields used (decoding
-        all 56 was ~40% of this loop), and no call is made per record that a lookup avoids."""
+        The commonest work of the agent under connection churn (a TCP connection on lo comes
+        as one EV_LOOPBACK_FINAL instead: LoopbackEnds._loopback_finals), so written flat: a
+        record is decoded into only the fields used (decoding all 56 was ~40% of this loop),
+        and no call is made per record that a lookup avoids."""
         offset = self._offset_ns
         reported = self._reported
         closing = self._endings.closing
@@ -274,33 +275,37 @@ class FlowEnds:
                 index: dict[bytes, int], gens: dict[bytes, int] | None = None) -> None:
         """Take the flows' final counters out of the map and report them ended. gens: the
         generation each key had when the socket closed; a key the kernel has restarted since
-        belongs to a newer connection and is left alone."""
+        belongs to a newer connection and is left alone. A TCP connection on lo ends for both
+        of its sockets (its entries count both: ebpf/loopback.py)."""
         offset = self._offset_ns
         for conn in conns:
             kraws = set(self._conn_keys.pop(conn, ()))
             if conn[1] in (TCP, UDP):
                 kraws.update(layout.kernel_keys_of(conn))
-            finals = []
+            by_conn: dict[ConnId, list] = {}  # the finals of each socket's view
             for kraw in kraws:
-                value = self._take(kraw, gens.get(kraw) if gens else None)
-                seen = self._reported.pop(kraw, None)
-                if value is not None:
+                for view, value in self._take_views(kraw, gens.get(kraw) if gens else None):
+                    seen = self._reported.pop(view, None)
                     if seen is None:
-                        seen = Reported(layout.conn_of(layout.key_parts(kraw)))
-                    finals.append((kraw, seen, value))
-            for kraw, _, value in finals:
-                if kraw[KEY_DIRECTION] == Direction.EGRESS:
-                    self._attr.learn_from_egress(conn, value)
-            cause = _end_cause(conn[1], finals)
-            for kraw, seen, value in finals:
-                obs = self._observation(kraw, seen, value, offset, cause)
-                if obs is None:
-                    continue
-                if kraw in index:
-                    out[index[kraw]] = obs
-                else:
-                    index[kraw] = len(out)
-                    out.append(obs)
+                        seen = Reported(layout.conn_of(layout.key_parts(view)))
+                    by_conn.setdefault(seen.conn, []).append((view, seen, value))
+                self._reported.pop(kraw, None)
+            for view_conn, finals in by_conn.items():
+                for kraw, _, value in finals:
+                    if kraw[KEY_DIRECTION] == Direction.EGRESS:
+                        self._attr.learn_from_egress(view_conn, value)
+                cause = _end_cause(conn[1], finals)
+                for kraw, seen, value in finals:
+                    obs = self._observation(kraw, seen, value, offset, cause)
+                    if obs is None:
+                        continue
+                    if kraw in index:
+                        out[index[kraw]] = obs
+                    else:
+                        index[kraw] = len(out)
+                        out.append(obs)
+                if view_conn != conn:
+                    self._attr.forget_conn(view_conn)
             self._attr.forget_conn(conn)
         if not self._endings.has_cookie(cookie):
             self._attr.forget_cookie(cookie)

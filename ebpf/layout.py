@@ -36,6 +36,7 @@ EV_TCP_DESTROY = 2
 EV_SOCK_RELEASE = 3
 EV_FLOW_RETIRED = 4
 EV_FLOW_FINAL = 5
+EV_LOOPBACK_FINAL = 6  # a TCP connection on lo: both sockets in one record (ebpf/loopback.py)
 RETIRED_HEADER = struct.Struct("<I4x")
 
 CTR_NAMES = (
