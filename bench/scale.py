@@ -11,10 +11,11 @@ Two parts, one JSON line per result {"name", "value", "unit", "peer", "peer_valu
   but its flows), and the CPU time of one sweep in which every flow reaches its active timeout,
   then of exporting those records (IPFIX to a loopback UDP sink).
 - agent (root, bcc): this process becomes the agent, as `flowbridge run` builds it (FlowCollector,
-  the state table for `flowbridge top`, Agent, start-up memory released), with the kernel flow map
+  Agent, the view `flowbridge top` reads, start-up memory released), with the kernel flow map
   and the cache sized for the flows (+25%). A child in its own network namespace then holds
   SOCKETS / 2 idle loopback TCP connections open (SOCKETS sockets: 2 x SOCKETS flows as a host
-  sees 1 connection per local socket, 4 flows per loopback connection), from as many processes
+  sees 1 connection per local socket, 4 flows per loopback connection; --veth: between two
+  namespaces over a veth pair, the same 4 flows per connection), from as many processes
   as the open-file limit asks for. It connects only once the agent has attached its counting
   programs to that namespace: packets before the attach are not counted (ebpf/README.md) and an
   idle connection sends nothing later. Every one of the 2 x SOCKETS flows must be tracked, or the
@@ -28,6 +29,13 @@ Two parts, one JSON line per result {"name", "value", "unit", "peer", "peer_valu
     --trace [lineno|filename]: the agent part's biggest allocation sites per flow to stderr.
     --census: the agent part's live objects by type and size per flow to stderr (what holds
     the memory, where --trace says what allocated it).
+    --gradual: the agent polls while the connections open (flows arrive over many polls, as on
+    a running host) instead of meeting them all in its first poll (an agent starting on a busy
+    host: that poll's observations, all decoded at once, are the peak of the heap).
+    --veth: the agent part's connections between two namespaces over a veth pair instead of
+    over loopback: every socket's packets cross an interface of its own namespace both ways, as
+    a host's connections to remote peers do (on `lo` the kernel may count a connection once for
+    both of its local ends, so a loopback connection can cost fewer kernel entries).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -213,10 +222,11 @@ def capacity_for(flows: int) -> int:
     return flows + flows // 4
 
 
-def agent_part(sockets: int, trace: str | None = None, count_objects: bool = False) -> None:
+def agent_part(sockets: int, trace: str | None = None, count_objects: bool = False,
+               veth: bool = False, gradual: bool = False) -> None:
     from bridge.agent import Agent, tune_gc
     from bridge.config import AgentConfig, CollectorConfig
-    from bridge.state import tee_source
+    from bridge.state import view_of
     from ebpf.collector import FlowCollector
 
     connections = sockets // 2
@@ -233,8 +243,9 @@ def agent_part(sockets: int, trace: str | None = None, count_objects: bool = Fal
         idle_timeout=600,
     )
     collector = FlowCollector(max_flows=capacity)
-    source, _table = tee_source(collector, config.idle_timeout)
-    agent = Agent(config, source, printer=lambda line: None)
+    agent = Agent(config, collector, printer=lambda line: None)
+    view = view_of(agent)  # top's view, as serve_for_agent() attaches it
+    agent.on_records = view.records_left
     agent.step(0)
     loaded_kb = status_kb("VmRSS")
     tune_gc()  # as `flowbridge run` does once start-up is done
@@ -246,43 +257,42 @@ def agent_part(sockets: int, trace: str | None = None, count_objects: bool = Fal
         f"start-up memory; BPF {base_bpf}",
         file=sys.stderr,
     )
-    holder = subprocess.Popen(
-        [
-            "unshare",
-            "--net",
-            "--",
-            "sh",
-            "-c",
-            f"ip link set lo up && exec {sys.executable} -m bench.idle_connections {connections}",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
+    hold = f"{sys.executable} -m bench.idle_connections {connections}"
+    if veth:  # the holder makes two namespaces of its own
+        argv = [*hold.split(), "--veth"]
+    else:
+        argv = ["unshare", "--net", "--", "sh", "-c", f"ip link set lo up && exec {hold}"]
+    holder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parent.parent)
     try:
         assert holder.stdout is not None and holder.stdin is not None
-        if holder.stdout.readline().strip() != b"netns":
+        said = holder.stdout.readline().split()
+        if not said or said[0] != b"netns":
             raise SystemExit("bench.scale: the connection holder did not start")
+        paths = [path.decode() for path in said[1:]] or [f"/proc/{holder.pid}/ns/net"]
+        held_netns = {os.stat(path).st_ino for path in paths}
         # Packets sent before the counting programs are attached to a new namespace are not
         # counted (ebpf/README.md, known limits), and an idle connection sends nothing later:
         # attach now instead of at the next discovery scan, then let the holder connect.
         namespaces = collector.stats().extra["namespaces"]
         collector.sync_interfaces()
-        if collector.stats().extra["namespaces"] <= namespaces:
-            raise SystemExit("bench.scale: the holder's namespace was not attached")
+        if collector.stats().extra["namespaces"] <= namespaces:  # (others come and go: the
+            # flow count below is what proves every one of the holder's was attached)
+            raise SystemExit("bench.scale: the holder's namespaces were not attached")
         holder.stdin.write(b"go\n")
         holder.stdin.flush()
+        while gradual and not select.select([holder.stdout], [], [], 0)[0]:
+            agent.step(200)  # the flows arrive over many polls
         ready = holder.stdout.readline().split()
         if len(ready) != 2 or int(ready[1]) != connections:
             raise SystemExit(f"bench.scale: the connection holder failed: {ready!r}")
         if trace:
             tracemalloc.start()
-        held_netns = os.stat(f"/proc/{holder.pid}/ns/net").st_ino
         deadline = time.monotonic() + float(os.environ.get("SCALE_WAIT", "120"))
         tracked = 0
         while tracked < flows and time.monotonic() < deadline:
             agent.step(200)
-            tracked = sum(1 for key in agent.cache.flow_keys() if key.netns == held_netns)
+            tracked = sum(1 for key in agent.cache.flow_keys() if key.netns in held_netns)
         if tracked != flows:  # issue 3: no connection may be missing
             raise SystemExit(
                 f"bench.scale: the agent tracks {tracked} of the holder's {flows} flows "
@@ -298,6 +308,9 @@ def agent_part(sockets: int, trace: str | None = None, count_objects: bool = Fal
         rss_kb, anon_kb, bpf = rss_without_bpf_kb(), status_kb("RssAnon"), bpf_memory(capacity)
         if count_objects:  # after the RSS: its own bookkeeping is large
             census(flows)
+        read_start = time.process_time()
+        shown = len(view.rows())  # what one `flowbridge top` refresh costs the agent
+        read_cpu = time.process_time() - read_start
         sweep_cpu, export_cpu, records = sweep_and_export(agent.cache, agent.exporters[0])
     finally:
         holder.stdin.close()  # type: ignore[union-attr]
@@ -319,6 +332,7 @@ def agent_part(sockets: int, trace: str | None = None, count_objects: bool = Fal
     result(f"agent_total_{sockets}_sockets", total_mb, "MB", "budget", BUDGET_MB)
     result(f"agent_active_sweep_{tracked}_flows", sweep_cpu, "s", "budget", BUDGET_SWEEP_S)
     result(f"agent_active_export_{records}_records", export_cpu, "s")
+    result(f"agent_top_read_{shown}_flows", read_cpu, "s")
     # On paper, 1M sockets: 2M flows at the measured cost each (process and per-entry maps);
     # maps sized as here (25% headroom) cost in proportion to their capacity when preallocated,
     # and their bucket arrays do when not; the ring buffer, programs and small maps stay.
@@ -345,6 +359,14 @@ def main() -> None:
     parser.add_argument("--trace", nargs="?", const="lineno", choices=("lineno", "filename"),
                         help="agent part: the biggest allocation sites (lines or files) per "
                         "flow to stderr (tracemalloc's own memory then inflates the RSS figures)")
+    parser.add_argument("--veth", action="store_true",
+                        help="agent part: the connections between two namespaces over a veth "
+                        "pair (each socket's traffic on an interface of its own namespace, as "
+                        "with a remote peer) instead of over loopback")
+    parser.add_argument("--gradual", action="store_true",
+                        help="agent part: poll while the connections open, so that their flows "
+                        "arrive over many polls as on a running host, instead of all in one "
+                        "poll as for an agent starting on a busy host (the default)")
     parser.add_argument("--census", action="store_true",
                         help="agent part: live objects by type and size per flow to stderr")
     args = parser.parse_args()
@@ -362,7 +384,7 @@ def main() -> None:
     if os.geteuid() != 0:
         print("bench.scale: not root: no agent part", file=sys.stderr)
         return
-    agent_part(args.sockets, args.trace, args.census)
+    agent_part(args.sockets, args.trace, args.census, args.veth, args.gradual)
 
 
 if __name__ == "__main__":

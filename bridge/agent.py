@@ -12,6 +12,7 @@ import ctypes
 import gc
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -111,6 +112,11 @@ class Agent:
             max_flows=config.max_flows,
             biflow=config.biflow,
         )
+        # Held while the loop changes the cache: a reader on another thread (the state socket,
+        # bridge/top/view.py) takes it to read the flows whole.
+        self.cache_lock = threading.Lock()
+        # Given every batch of records that left the cache, under cache_lock (top's view).
+        self.on_records: Callable[[list[Export], int], None] | None = None
         self.loopback: LoopbackCollector | None = None
         self.exporters: list[Exporter] = self._exporters(config, {})
         self.observations = 0
@@ -251,12 +257,16 @@ class Agent:
     def step(self, poll_ms: int = POLL_MS) -> None:
         observations = self.source.poll(poll_ms)
         exports: list[Export] = []
-        if observations:
-            self.observations += len(observations)
-            exports = self.cache.update(observations)
-        now = self.clock()
-        exports += self.cache.sweep(int(now * 1000))
-        released = self.cache.take_released()
+        with self.cache_lock:
+            if observations:
+                self.observations += len(observations)
+                exports = self.cache.update(observations)
+            now = self.clock()
+            now_ms = int(now * 1000)
+            exports += self.cache.sweep(now_ms)
+            released = self.cache.take_released()
+            if self.on_records is not None:
+                self.on_records(exports, now_ms)
         if released:
             self.source.release(released)
         self.export(exports)
@@ -291,11 +301,12 @@ class Agent:
         except Exception as exc:  # a broken source must not cost the flows already cached
             log.error("last poll before shutdown failed: %s", exc)
             last = []
-        if last:
-            self.observations += len(last)
-            exports = self.cache.update(last)
-        flows = len(self.cache)
-        exports += self.cache.flush_all()
+        with self.cache_lock:
+            if last:
+                self.observations += len(last)
+                exports = self.cache.update(last)
+            flows = len(self.cache)
+            exports += self.cache.flush_all()
         self.export(exports)
         log.info("shutting down: %d live flows exported as forced end", flows)
         for exporter in self.exporters:

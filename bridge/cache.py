@@ -64,6 +64,7 @@ class Flow:
         "last_ms",
         "process",
         "srtt_us",  # of the latest TcpHealth, all records read of it beyond retransmissions
+        "tcp_state",  # of the latest TcpHealth, for `flowbridge top` (bridge/top/view.py)
         "local_initiated",  # as FlowObservation.local_initiated: who connected, when known
         "end",
     )
@@ -84,6 +85,7 @@ class Flow:
         self.last_ms = obs.last_ms
         self.process = None
         self.srtt_us = 0
+        self.tcp_state = 0
         self.local_initiated = None
         self.end = _NONE
 
@@ -150,6 +152,10 @@ class FlowCache:
     def flow_keys(self) -> Iterator[FlowKey]:
         """The key of every flow held."""
         return (flow.key for flow in self._flows.values())
+
+    def flows(self) -> list[Flow]:
+        """Every flow held, in a new list the caller may keep."""
+        return list(self._flows.values())
 
     def take_released(self) -> list[FlowKey]:
         """Keys the cache dropped on its own (idle, eviction): the source may free their state."""
@@ -227,6 +233,7 @@ class FlowCache:
                     flow.base_retrans -= flow.retrans
                     flow.base_retrans_bytes -= flow.retrans_bytes
                 flow.srtt_us = tcp.srtt_us
+                flow.tcp_state = tcp.state
                 flow.retrans = tcp.retrans_packets
                 flow.retrans_bytes = tcp.retrans_bytes
             if obs.end is not none:

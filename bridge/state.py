@@ -12,7 +12,7 @@ sends one request object per line, the server answers each with one object on on
     -> {"request": "nonsense"}
     <- {"flowbridge": 1, "error": "unknown request 'nonsense' (hello, snapshot)"}
 
-A flow is `bridge.top.table.FlowRow` as a JSON object. A request line longer than
+A flow is `bridge.top.view.FlowRow` as a JSON object. A request line longer than
 MAX_REQUEST bytes, or not a JSON object, gets an error answer and the connection is closed.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from bridge.errors import UserError
-from bridge.top.table import FlowRow, FlowTable, TeeSource
+from bridge.top.view import CacheView, FlowRow
 
 log = logging.getLogger("flowbridge.state")
 
@@ -56,12 +56,12 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 class StateServer:
-    """Serves a FlowTable (and facts about the agent) on a unix socket, on threads of its own."""
+    """Serves the flows (and facts about the agent) on a unix socket, on threads of its own."""
 
-    def __init__(self, path: str, table: FlowTable,
+    def __init__(self, path: str, flows: CacheView,
                  agent_info: Callable[[], dict] = dict) -> None:
         self.path = path
-        self.table = table
+        self.flows = flows
         self.agent_info = agent_info
         self.requests = 0
         self._sock = _listen(path)
@@ -141,7 +141,7 @@ class StateServer:
             "time_ms": int(time.time() * 1000),
             "agent": agent,
             "source": source,
-            "flows": [row.to_json() for row in self.table.rows()],
+            "flows": [row.to_json() for row in self.flows.rows()],
         }
 
     def close(self) -> None:
@@ -285,12 +285,12 @@ class StateClient:
 # -- the agent's side: hooks called by `flowbridge run` ----------------------------------------
 
 
-def tee_source(source: object, idle_timeout_s: float) -> tuple[TeeSource, FlowTable]:
-    """The agent's source, wrapped so that a FlowTable sees every observation."""
+def view_of(agent) -> CacheView:  # type: ignore[no-untyped-def]
+    """Top's view of the agent's cache (to be handed the records that leave it)."""
     from bridge.containers import CgroupResolver
 
-    table = FlowTable(idle_ms=int(idle_timeout_s * 1000), resolver=CgroupResolver())
-    return TeeSource(source, table, lambda: int(time.time() * 1000)), table
+    return CacheView(agent.cache, agent.cache_lock, resolver=CgroupResolver(),
+                     clock_ms=lambda: int(agent.clock() * 1000))  # the clock records are timed by
 
 
 def agent_info(agent) -> dict:  # type: ignore[no-untyped-def]
@@ -306,15 +306,17 @@ def agent_info(agent) -> dict:  # type: ignore[no-untyped-def]
     }
 
 
-def serve_for_agent(path: str, table: FlowTable, agent, explicit: bool) -> StateServer | None:  # type: ignore[no-untyped-def]
+def serve_for_agent(path: str, agent, explicit: bool) -> StateServer | None:  # type: ignore[no-untyped-def]
     """Starts the state socket; a default path that cannot be served only warns, since
     exporting flows matters more than `top`."""
+    view = view_of(agent)
     try:
-        server = StateServer(path, table, lambda: agent_info(agent))
+        server = StateServer(path, view, lambda: agent_info(agent))
     except UserError as exc:
         if explicit:
             raise
         log.warning("no state socket for `flowbridge top`: %s", exc)
         return None
+    agent.on_records = view.records_left
     log.info("state for `flowbridge top` on %s", path)
     return server

@@ -194,19 +194,16 @@ def run(
         state_path = state.DEFAULT_PATH
     # -- end of operator hooks --
     source = open_source(source_spec, config.cgroup, config.kernel_max_flows)
-    table = None
-    if state_path:
-        source, table = state.tee_source(source, config.idle_timeout)
     try:
         agent = Agent(config, source, printer=lambda line: print(line, flush=True))
     except BaseException:
         source.close()
         raise
     state_server = None
-    if table is not None:
+    if state_path:
         try:
             state_server = state.serve_for_agent(
-                state_path, table, agent, explicit=state_socket is not None
+                state_path, agent, explicit=state_socket is not None
             )
         except UserError:
             agent.shutdown(drain_seconds=0)

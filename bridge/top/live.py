@@ -1,8 +1,9 @@
 """The refresh loop of `flowbridge top`: a feed of flow rows, the keyboard, a rich Live screen.
 
 Two feeds give the same rows: `AgentFeed` asks a running agent over its state socket,
-`LocalFeed` runs top's own eBPF collector (and, having no agent's cache, releases the kernel
-state of flows idle longer than the idle timeout itself).
+`LocalFeed` runs top's own eBPF collector into a flow cache of its own, read through the same
+view as the agent's (its idle flows' kernel state is released as the agent's is; the records
+the cache makes go nowhere but to the view).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import select
 import sys
 import termios
+import threading
 import time
 import tty
 from collections.abc import Iterator
@@ -20,10 +22,11 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.live import Live
 
+from bridge.cache import FlowCache
 from bridge.state import StateClient
 from bridge.top.model import SORTS, VIEWS, Frame, RateMeter, build_frame, connections
 from bridge.top.render import render
-from bridge.top.table import FlowRow, FlowTable
+from bridge.top.view import CacheView, FlowRow
 
 VIEW_KEYS = {"f": "flows", "p": "processes", "h": "hosts"}
 SORT_KEYS = {"b": "bytes", "a": "rate", "r": "retrans", "t": "rtt", "k": "packets"}
@@ -66,29 +69,40 @@ class AgentFeed:
         self.client.close()
 
 
+# Top's own cache: flows held at most, and no active timeout, as its records go nowhere.
+LOCAL_MAX_FLOWS = 200_000
+NO_ACTIVE_TIMEOUT_S = 10.0**9
+
+
 class LocalFeed:
     def __init__(self, cgroup: str | None = None, idle_timeout_s: float = 15.0) -> None:
         from bridge.cli.run import open_source
         from bridge.containers import CgroupResolver
 
         self.source = open_source("ebpf", cgroup)
-        self.table = FlowTable(idle_ms=int(idle_timeout_s * 1000), resolver=CgroupResolver())
+        self.cache = FlowCache(active_timeout=NO_ACTIVE_TIMEOUT_S, idle_timeout=idle_timeout_s,
+                               max_flows=LOCAL_MAX_FLOWS)
+        # Top's one thread both writes and reads: the lock is never contended.
+        self.view = CacheView(self.cache, threading.Lock(), resolver=CgroupResolver(),
+                              watched=True)
         self.origin = "own eBPF collector" + (f" (cgroup {cgroup})" if cgroup else "")
 
     def sample(self) -> Sample:
         observations = self.source.poll(0)
         now_ms = int(time.time() * 1000)
-        self.table.update(observations, now_ms)
-        idle = self.table.prune(now_ms)
-        if idle:
-            self.source.release(idle)
+        records = self.cache.update(observations)
+        records += self.cache.sweep(now_ms)
+        self.view.records_left(records, now_ms)
+        released = self.cache.take_released()
+        if released:
+            self.source.release(released)
         stats = self.source.stats()
         notes = source_notes(
             {"map_full_drops": stats.map_full_drops, "events_lost": stats.events_lost,
              "flows_in_map": stats.flows_in_map, "map_capacity": stats.map_capacity})
-        if self.table.dropped:
-            notes.append(f"top's table is full: {self.table.dropped} flows not shown")
-        return Sample(self.table.rows(), now_ms, self.origin, notes)
+        if self.cache.evictions:
+            notes.append(f"top's flow cache is full: {self.cache.evictions} flows evicted")
+        return Sample(self.view.rows(), now_ms, self.origin, notes)
 
     def close(self) -> None:
         self.source.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from bridge.top.table import FlowRow
+from bridge.top.view import FlowRow
 
 VIEWS = ("flows", "processes", "hosts")
 SORTS = ("bytes", "rate", "retrans", "rtt", "packets")

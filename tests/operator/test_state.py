@@ -15,21 +15,19 @@ import pytest
 
 from bridge.errors import UserError
 from bridge.state import MAX_REQUEST, StateClient, StateError, StateServer
-from bridge.top.table import FlowTable
+from bridge.top.view import CacheView
 from tests.conftest import skip_or_fail
 from tests.live.agent_process import flowbridge_argv
-from tests.operator.test_top_model import web_and_db
+from tests.operator.test_top_model import view_of_observations, web_and_db
 
 
 @pytest.fixture
-def table() -> FlowTable:
-    flows = FlowTable()
-    flows.update(web_and_db(), now_ms=10_000)
-    return flows
+def table() -> CacheView:
+    return view_of_observations(web_and_db())
 
 
 @pytest.fixture
-def server(tmp_path: Path, table: FlowTable):  # type: ignore[no-untyped-def]
+def server(tmp_path: Path, table: CacheView):  # type: ignore[no-untyped-def]
     path = tmp_path / "run" / "state.sock"
     srv = StateServer(str(path), table, lambda: {"observations": 5, "source": {"events_lost": 0}})
     try:
@@ -95,12 +93,12 @@ def test_overlong_request_closes_the_connection(server: StateServer) -> None:
     assert raw_exchange(server.path, b'{"request":"hello"}\n')[0]["pid"] == os.getpid()
 
 
-def test_second_agent_on_a_live_path_is_refused(server: StateServer, table: FlowTable) -> None:
+def test_second_agent_on_a_live_path_is_refused(server: StateServer, table: CacheView) -> None:
     with pytest.raises(UserError, match="another agent is serving it"):
         StateServer(server.path, table)
 
 
-def test_stale_socket_file_is_replaced(tmp_path: Path, table: FlowTable) -> None:
+def test_stale_socket_file_is_replaced(tmp_path: Path, table: CacheView) -> None:
     path = tmp_path / "state.sock"
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(path))
@@ -136,7 +134,7 @@ def test_client_errors_are_one_line(tmp_path: Path) -> None:
         listener.close()
 
 
-def test_other_users_are_refused_by_peer_credentials(table: FlowTable) -> None:
+def test_other_users_are_refused_by_peer_credentials(table: CacheView) -> None:
     """Even if the file mode were loosened, a peer that is neither root nor the agent's user
     gets an error and nothing else."""
     if os.geteuid() != 0:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import threading
 
 import pytest
 from rich.console import Console
 
+from bridge.cache import FlowCache
 from bridge.containers import ContainerInfo
-from bridge.synthetic import SyntheticSource
 from bridge.top.live import Settings, Viewer, frames
 from bridge.top.model import RateMeter, build_frame, by_host, by_process, connections, ranked
 from bridge.top.render import human_bytes, render
-from bridge.top.table import FlowRow, FlowTable, TeeSource
+from bridge.top.view import CacheView, FlowRow
 from ebpf.observation import (
     Direction,
     EndCause,
@@ -61,10 +62,16 @@ class StubResolver:
         return ContainerInfo("containerd", CID, POD) if cgroup_id == 8 else None
 
 
+def view_of_observations(observations: list[FlowObservation]) -> CacheView:
+    """A cache holding the observations, and top's view of it."""
+    cache = FlowCache()
+    cache.update(observations)
+    return CacheView(cache, threading.Lock(), resolver=StubResolver(),  # type: ignore[arg-type]
+                     clock_ms=lambda: 10_000)
+
+
 def table_rows(observations: list[FlowObservation]) -> list[FlowRow]:
-    table = FlowTable(resolver=StubResolver())  # type: ignore[arg-type]
-    table.update(observations, now_ms=10_000)
-    return table.rows()
+    return view_of_observations(observations).rows()
 
 
 def test_rows_carry_the_observation_and_the_container() -> None:
@@ -137,49 +144,6 @@ def test_rates_between_frames() -> None:
     frame = build_frame(second, "flows", "rate", 12_000, "test")
     assert frame.rows[0].key == web.key
     assert frame.rate_total == pytest.approx((92_000 * 2 + 40_000 * 2) / 2)
-
-
-def test_table_lifecycle_linger_idle_forget() -> None:
-    table = FlowTable(idle_ms=5_000, linger_ms=1_000)
-    live = obs(Direction.EGRESS, LOCAL, WEB, 1, 443, 100, 1, last_ms=10_000)
-    ended = obs(Direction.EGRESS, LOCAL, DB, 2, 5432, 100, 1, last_ms=10_000,
-                end=EndCause.FIN)
-    table.update([live, ended], now_ms=10_000)
-    assert len(table) == 2
-    assert table.prune(10_500) == []
-    assert len(table) == 2  # the ended flow lingers to be seen
-    assert table.prune(11_000) == []
-    assert [o.key for o in table.observations()] == [live.key]
-    assert table.prune(15_001) == [live.key]  # idle: returned for release
-    assert len(table) == 0
-    table.update([live], now_ms=16_000)
-    table.forget([live.key])
-    assert len(table) == 0
-
-
-def test_table_is_bounded_and_counts_what_it_drops() -> None:
-    table = FlowTable(max_flows=2)
-    flows = [obs(Direction.EGRESS, LOCAL, WEB, port, 443, 10, 1) for port in (1, 2, 3)]
-    table.update(flows, now_ms=0)
-    assert len(table) == 2 and table.dropped == 1
-    table.update([flows[0]], now_ms=0)  # known flows still update
-    assert table.dropped == 1
-
-
-def test_tee_source_feeds_the_table_and_forwards_everything() -> None:
-    inner = SyntheticSource()
-    table = FlowTable()
-    tee = TeeSource(inner, table, clock_ms=lambda: 10_000)
-    batch = web_and_db()
-    inner.feed(batch)
-    assert tee.poll(0) == batch
-    assert len(table) == 5
-    tee.release([batch[0].key])
-    assert inner.released == [batch[0].key]
-    assert len(table) == 4
-    assert tee.stats().map_capacity == inner.map_capacity  # delegated
-    tee.close()
-    assert inner.closed
 
 
 class ListFeed:
