@@ -47,6 +47,12 @@ def is_shared(kraw: bytes, values: bytes, at: int = 0) -> bool:
             and values[at + _IFINDEX_AT : at + _IFINDEX_AT + 4] == _LOOPBACK)
 
 
+def is_shared_value(kraw: bytes, value: FlowValue) -> bool:
+    """is_shared, for a value already decoded."""
+    return (kraw[KEY_PROTOCOL] == TCP and kraw[KEY_DIRECTION] == 1
+            and value.ifindex == LOOPBACK_IFINDEX)
+
+
 def ingress_view_key(kraw: bytes) -> bytes:
     """The key the INGRESS flow of an EGRESS entry's packets would have (direction flipped)."""
     return kraw[:KEY_DIRECTION] + b"\x00" + kraw[KEY_DIRECTION + 1 :]
@@ -79,8 +85,7 @@ class LoopbackEnds:
         be."""
         value = self._take(kraw, gen)  # type: ignore[attr-defined]
         if value is not None:
-            if kraw[KEY_PROTOCOL] == TCP and kraw[KEY_DIRECTION] and (
-                    value.ifindex == LOOPBACK_IFINDEX):
+            if is_shared_value(kraw, value):
                 return [(kraw, value), (ingress_view_key(kraw), ingress_view(value))]
             return [(kraw, value)]
         if kraw[KEY_PROTOCOL] != TCP or kraw[KEY_DIRECTION]:
@@ -225,5 +230,5 @@ class LoopbackEnds:
         """An EV_FLOW_RETIRED record: the old generation of every flow its entry counted."""
         kraw, value = layout.decode_retired(item)
         self._retire(kraw, value, out)  # type: ignore[attr-defined]
-        if kraw[KEY_PROTOCOL] == TCP and kraw[KEY_DIRECTION] and value.ifindex == LOOPBACK_IFINDEX:
+        if is_shared_value(kraw, value):
             self._retire(ingress_view_key(kraw), ingress_view(value), out)  # type: ignore[attr-defined]
