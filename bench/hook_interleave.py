@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,7 +220,8 @@ def summarize(mode: str, blocks: list[Block]) -> None:
             continue
         mine = [b for b in blocks if b.arm == arm]
         requests = sum(b.requests for b in mine)
-        kernel = progstats.total_ns(merged(b.kernel for b in mine)) / max(1, requests)
+        costs = progstats.merged(b.kernel for b in mine)
+        kernel = progstats.total_ns(costs) / max(1, requests)
         quartiles = statistics.quantiles(deltas, n=4)
         print(f"# {mode}: {arm.name:22s} {len(deltas):3d} ({clean:3d}) "
               f"{statistics.median(b.us_per_request for b in mine):7.1f} "
@@ -231,24 +231,13 @@ def summarize(mode: str, blocks: list[Block]) -> None:
               + (f" {kernel:6.0f}" if kernel else ""), file=sys.stderr)
         if kernel:
             print(f"# {mode}: {arm.name} "
-                  f"{progstats.describe(merged(b.kernel for b in mine), requests, 'request')}",
+                  f"{progstats.describe(costs, requests, 'request')}",
                   file=sys.stderr)
         if arm.kind != "none":
             emit(f"hook_interleave_{mode}_{arm.name}_extra_cpu_per_request",
                  statistics.median(deltas), "us", "nginx+wrk CPU per request, nothing attached",
                  statistics.median(b.us_per_request for b in blocks if b.arm.kind == "none"))
     sys.stderr.flush()
-
-
-def merged(costs: Iterable[dict[str, progstats.ProgramCost]]
-           ) -> dict[str, progstats.ProgramCost]:
-    total: dict[str, progstats.ProgramCost] = {}
-    for cost in costs:
-        for name, one in cost.items():
-            before = total.get(name, progstats.ProgramCost(0, 0))
-            total[name] = progstats.ProgramCost(before.run_time_ns + one.run_time_ns,
-                                                before.run_cnt + one.run_cnt)
-    return total
 
 
 def bench_mode(mode: str, nginx: Nginx, cgroup: Path, cgroup_fd: int,

@@ -225,12 +225,7 @@ def summarize(rounds: list[Round]) -> list[ArmSummary]:
         if not mine or not deltas:
             continue
         requests = sum(r.result.requests for r in mine)
-        kernel: dict[str, progstats.ProgramCost] = {}
-        for r in mine:
-            for name, cost in r.kernel.items():
-                before = kernel.get(name, progstats.ProgramCost(0, 0))
-                kernel[name] = progstats.ProgramCost(before.run_time_ns + cost.run_time_ns,
-                                                     before.run_cnt + cost.run_cnt)
+        kernel = progstats.merged(r.kernel for r in mine)
         missing = [r.outcome.missing for r in mine if r.outcome.missing is not None]
         summaries.append(ArmSummary(
             arm, len(mine), sum(r.clean for r in mine),

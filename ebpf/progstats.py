@@ -25,7 +25,7 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ebpf import bpfsys
@@ -46,12 +46,18 @@ class ProgramCost:
     run_time_ns: int
     run_cnt: int
 
+    def __add__(self, other: ProgramCost) -> ProgramCost:
+        return ProgramCost(self.run_time_ns + other.run_time_ns, self.run_cnt + other.run_cnt)
+
     def __sub__(self, other: ProgramCost) -> ProgramCost:
         return ProgramCost(self.run_time_ns - other.run_time_ns, self.run_cnt - other.run_cnt)
 
     @property
     def ns_per_run(self) -> float:
         return self.run_time_ns / self.run_cnt if self.run_cnt else 0.0
+
+
+NO_COST = ProgramCost(0, 0)
 
 
 def program_name(fd: int) -> str:
@@ -157,16 +163,23 @@ def snapshot(pid: int | str = "self", tc_ifindexes: tuple[int, ...] | None = Non
             name = program_name_by_id(int(fields["prog_id"]))
         except (OSError, KeyError, ValueError):
             continue
-        cost = ProgramCost(int(fields["run_time_ns"]), int(fields["run_cnt"]))
-        before = totals.get(name, ProgramCost(0, 0))
-        totals[name] = ProgramCost(before.run_time_ns + cost.run_time_ns,
-                                   before.run_cnt + cost.run_cnt)
+        totals[name] = totals.get(name, NO_COST) + ProgramCost(int(fields["run_time_ns"]),
+                                                               int(fields["run_cnt"]))
     return totals
 
 
 def difference(after: dict[str, ProgramCost], before: dict[str, ProgramCost]
                ) -> dict[str, ProgramCost]:
-    return {name: cost - before.get(name, ProgramCost(0, 0)) for name, cost in after.items()}
+    return {name: cost - before.get(name, NO_COST) for name, cost in after.items()}
+
+
+def merged(costs: Iterable[dict[str, ProgramCost]]) -> dict[str, ProgramCost]:
+    """Several measurements' costs added per program name."""
+    total: dict[str, ProgramCost] = {}
+    for cost in costs:
+        for name, one in cost.items():
+            total[name] = total.get(name, NO_COST) + one
+    return total
 
 
 def total_ns(costs: dict[str, ProgramCost]) -> int:
