@@ -147,6 +147,12 @@ class Attribution:
             self._unlink(cookie, conn)
         self._health.pop(conn, None)
 
+    def cookie_tables(self) -> tuple[dict, dict]:
+        """The tables keyed by socket cookie, for a loop over many ended sockets to test first
+        (`in`) and call forget_cookie only for a cookie one holds: the call costs ~100 ns more
+        than the two tests, and most sockets that end under churn were never looked up."""
+        return self._cookie_conns, self._socks
+
     def forget_cookie(self, cookie: int) -> None:
         held = self._cookie_conns.pop(cookie, None)
         for conn in held if type(held) is set else (held,) if held is not None else ():

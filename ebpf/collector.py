@@ -86,7 +86,8 @@ class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
         self._retired_keys: set[bytes] = set()  # retired in this poll
         # Live in the map but to be reported at the next read even if unchanged (see poll).
         self._reread: set[bytes] = set()
-        self._final_keys: set[bytes] = set()  # finalised by the kernel, reported in this poll
+        # Deferred finals reported in this poll (the poll's other finals are in its index).
+        self._final_keys: set[bytes] = set()
         self._deferred_finals: list[tuple[bytes, FlowObservation]] = []
         self._flows_in_map = 0
         self._young_since_ns = EVERY_FLOW

@@ -158,6 +158,9 @@ class FlowEnds:
         inodes = self._attacher.cookie_to_inode
         attr = self._attr
         scoped = attr.scoped
+        cookie_conns, cookie_socks = attr.cookie_tables()
+        fin, closed, rst_sent, rst_received = (EndCause.FIN, EndCause.CLOSED, EndCause.RST_SENT,
+                                               EndCause.RST_RECEIVED)
         final_keys, retired_keys, deferred = (self._final_keys, self._retired_keys,
                                               self._deferred_finals)
         key_bytes, pack_key, new = layout.FINAL_KEY_BYTES, FLOW_KEY_PACK, tuple.__new__
@@ -166,6 +169,8 @@ class FlowEnds:
         ingress, egress = DIRECTIONS
         process_of, processes = layout.process_info, layout.PROCESSES
         initiated_by = INITIATED_BY_ORIGIN.get
+        # Keys taken this poll before these records: retired, or deferred finals sent already.
+        clash_possible = bool(retired_keys or final_keys)
         for raw in records:
             ipver, direction = raw[ipver_at], raw[direction_at]
             if direction:  # EGRESS: the key is local -> remote, and its value the sender's
@@ -214,7 +219,7 @@ class FlowEnds:
                 forget = forget or seen is not None or seen_twin is not None
             if forget:
                 attr.forget_conn(conn)
-            if cookie:
+            if cookie and (cookie in cookie_conns or cookie in cookie_socks):
                 attr.forget_cookie(cookie)
             if closing and conn in closing:
                 waited = self._endings.cancel(conn)
@@ -223,9 +228,9 @@ class FlowEnds:
             if process is None and scoped:
                 continue
             if (sent | received) & TCP_RST:  # _cause_from_flags, inlined
-                cause = EndCause.RST_SENT if sent & TCP_RST else EndCause.RST_RECEIVED
+                cause = rst_sent if sent & TCP_RST else rst_received
             else:
-                cause = EndCause.FIN if (sent | received) & TCP_FIN else EndCause.CLOSED
+                cause = fin if (sent | received) & TCP_FIN else closed
             inode = inodes.get(netns)
             if inode is None:
                 inode = self._netns_inode(netns)
@@ -237,10 +242,10 @@ class FlowEnds:
                                   cookie, process, health, cause, initiated)
             # One ending per key and poll (see FlowCollector.poll): later ones wait for a later
             # poll.
-            if kraw in index or kraw in retired_keys or kraw in final_keys:
+            if kraw in index or (clash_possible and (kraw in retired_keys
+                                                      or kraw in final_keys)):
                 deferred.append((kraw, obs))
             else:
-                final_keys.add(kraw)
                 index[kraw] = len(out)
                 out.append(obs)
             if not has_other:
@@ -251,10 +256,10 @@ class FlowEnds:
                                   (o_first_ns + offset) // NS_PER_MS,
                                   (o_last_ns + offset) // NS_PER_MS,
                                   cookie, process, health, cause, initiated)
-            if twin in index or twin in retired_keys or twin in final_keys:
+            if twin in index or (clash_possible and (twin in retired_keys
+                                                      or twin in final_keys)):
                 deferred.append((twin, obs))
             else:
-                final_keys.add(twin)
                 index[twin] = len(out)
                 out.append(obs)
 

@@ -112,6 +112,9 @@ class LoopbackEnds:
         inodes = self._attacher.cookie_to_inode  # type: ignore[attr-defined]
         attr = self._attr  # type: ignore[attr-defined]
         scoped = attr.scoped
+        cookie_conns, cookie_socks = attr.cookie_tables()
+        fin, closed, rst_sent, rst_received = (EndCause.FIN, EndCause.CLOSED, EndCause.RST_SENT,
+                                               EndCause.RST_RECEIVED)
         final_keys, retired_keys, deferred = (  # type: ignore[attr-defined]
             self._final_keys, self._retired_keys, self._deferred_finals)
         key_bytes, pack_key, new = layout.FINAL_KEY_BYTES, layout.FLOW_KEY.pack, tuple.__new__
@@ -120,6 +123,8 @@ class LoopbackEnds:
         ingress, egress = DIRECTIONS
         process_of, processes = layout.process_info, layout.PROCESSES
         initiated_by = INITIATED_BY_ORIGIN.get
+        # Keys taken this poll before these records: retired, or deferred finals sent already.
+        clash_possible = bool(retired_keys or final_keys)
         for raw in records:
             ipver = raw[ipver_at]
             # X sent the packet that ended the connection (the record's key, X -> Y); Y's
@@ -182,7 +187,7 @@ class LoopbackEnds:
                     forget = forget or seen_out is not None or seen_in is not None
                 if forget:
                     attr.forget_conn(conn)
-                if cookie:
+                if cookie and (cookie in cookie_conns or cookie in cookie_socks):
                     attr.forget_cookie(cookie)
                 if closing and conn in closing:
                     waited = endings.cancel(conn)
@@ -191,9 +196,9 @@ class LoopbackEnds:
                 if process is None and scoped:
                     continue
                 if (sent | received) & TCP_RST:
-                    cause = EndCause.RST_SENT if sent & TCP_RST else EndCause.RST_RECEIVED
+                    cause = rst_sent if sent & TCP_RST else rst_received
                 else:
-                    cause = EndCause.FIN if (sent | received) & TCP_FIN else EndCause.CLOSED
+                    cause = fin if (sent | received) & TCP_FIN else closed
                 if side:
                     sent_obs = None if not has_y else FlowObservation(
                         new(FlowKey, y_to_x), y_ifindex, y_octets, y_packets, y_flags & 0xFF,
@@ -212,17 +217,17 @@ class LoopbackEnds:
                         cause, initiated)
                 # One ending per key and poll (see FlowEnds._finals).
                 if sent_obs is not None:
-                    if out_kraw in index or out_kraw in retired_keys or out_kraw in final_keys:
+                    if out_kraw in index or (clash_possible and (out_kraw in retired_keys
+                                                              or out_kraw in final_keys)):
                         deferred.append((out_kraw, sent_obs))
                     else:
-                        final_keys.add(out_kraw)
                         index[out_kraw] = len(out)
                         out.append(sent_obs)
                 if received_obs is not None:
-                    if in_kraw in index or in_kraw in retired_keys or in_kraw in final_keys:
+                    if in_kraw in index or (clash_possible and (in_kraw in retired_keys
+                                                              or in_kraw in final_keys)):
                         deferred.append((in_kraw, received_obs))
                     else:
-                        final_keys.add(in_kraw)
                         index[in_kraw] = len(out)
                         out.append(received_obs)
 
