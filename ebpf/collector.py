@@ -123,9 +123,8 @@ class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
         ended = []
         finals = []
         loopback_finals = []
-        event_kind = layout.event_kind
         for item in raw:
-            kind = event_kind(item)
+            kind = item[0]  # the u32 kind's low byte (layout.event_kind, without the call)
             if kind == layout.EV_FLOW_FINAL:
                 finals.append(item)
             elif kind == layout.EV_LOOPBACK_FINAL:

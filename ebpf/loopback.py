@@ -147,8 +147,11 @@ class LoopbackEnds:
             y_received = x_sent[:at] + b"\x00" + x_sent[at + 1 :]
             y_sent = pack_key(netns, daddr, saddr, dport, sport, proto, ipver, 1)
             x_received = y_sent[:at] + b"\x00" + y_sent[at + 1 :]
+            # x's packets are x's EGRESS flow and y's INGRESS flow; y's the reverse.
             x_to_y = (inode, egress, ipver, proto, saddr, daddr, sport, dport)
             y_to_x = (inode, egress, ipver, proto, daddr, saddr, dport, sport)
+            x_to_y_in = (inode, ingress, ipver, proto, saddr, daddr, sport, dport)
+            y_to_x_in = (inode, ingress, ipver, proto, daddr, saddr, dport, sport)
             for side in (0, 1):
                 # This side's socket: its EGRESS flow (the entry it sent) and its INGRESS flow
                 # (the entry the other side sent).
@@ -204,7 +207,7 @@ class LoopbackEnds:
                         new(FlowKey, y_to_x), y_ifindex, y_octets, y_packets, y_flags & 0xFF,
                         y_first, y_last, cookie, process, health, cause, initiated)
                     received_obs = FlowObservation(
-                        new(FlowKey, (inode, ingress) + x_to_y[2:]), x_ifindex, x_octets,
+                        new(FlowKey, x_to_y_in), x_ifindex, x_octets,
                         x_packets, x_flags & 0xFF, x_first, x_last, cookie, process, health,
                         cause, initiated)
                 else:
@@ -212,7 +215,7 @@ class LoopbackEnds:
                         new(FlowKey, x_to_y), x_ifindex, x_octets, x_packets, x_flags & 0xFF,
                         x_first, x_last, cookie, process, health, cause, initiated)
                     received_obs = None if not has_y else FlowObservation(
-                        new(FlowKey, (inode, ingress) + y_to_x[2:]), y_ifindex, y_octets,
+                        new(FlowKey, y_to_x_in), y_ifindex, y_octets,
                         y_packets, y_flags & 0xFF, y_first, y_last, cookie, process, health,
                         cause, initiated)
                 # One ending per key and poll (see FlowEnds._finals).
