@@ -24,7 +24,7 @@ from ebpf.existing_scan import SocketMaps, learn_existing_sockets
 from ebpf.flow_ends import NS_PER_MS, TCP, UDP, FlowEnds, Reported, epoch_offset_ns
 from ebpf.interfaces import InterfaceAttacher
 from ebpf.layout import FLOW_KEY, FLOW_VAL, ConnId
-from ebpf.live_read import EVERY_FLOW, MIN_LIVE_AGE_NS, LiveRead
+from ebpf.live_read import EVERY_FLOW, LIVE_READ_INTERVAL_NS, MIN_LIVE_AGE_NS, LiveRead
 from ebpf.loader import load
 from ebpf.loopback import LoopbackEnds
 from ebpf.observation import (
@@ -91,6 +91,7 @@ class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
         self._deferred_finals: list[tuple[bytes, FlowObservation]] = []
         self._flows_in_map = 0
         self._young_since_ns = EVERY_FLOW
+        self._next_live_read_ns = 0
         self._offset_ns = epoch_offset_ns()
         self._stop = threading.Event()
         self.scan_existing()
@@ -115,9 +116,19 @@ class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
         out: list[FlowObservation | None] = []
         index: dict[bytes, int] = {}
         read_ns = time.monotonic_ns()
-        live = self._read_live()
         raw, self._raw_events = self._raw_events, []
         raw += self._ring.drain()
+        # A socket's end finds its UDP/ICMP flows through what the live read linked: a poll with
+        # one reads the map whatever the interval.
+        if (final or read_ns >= self._next_live_read_ns
+                or any(item[0] in layout.SOCKET_END_KINDS for item in raw)):
+            self._next_live_read_ns = read_ns + LIVE_READ_INTERVAL_NS
+            live = self._read_live()
+            raw += self._raw_events  # drained during the read
+            self._raw_events = []
+            raw += self._ring.drain()
+        else:
+            live = []
         self._retired_keys.clear()
         retired: list[FlowObservation] = []
         ended = []

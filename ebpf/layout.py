@@ -37,6 +37,7 @@ EV_SOCK_RELEASE = 3
 EV_FLOW_RETIRED = 4
 EV_FLOW_FINAL = 5
 EV_LOOPBACK_FINAL = 6  # a TCP connection on lo: both sockets in one record (ebpf/loopback.py)
+SOCKET_END_KINDS = (EV_TCP_CLOSE, EV_TCP_DESTROY, EV_SOCK_RELEASE)
 RETIRED_HEADER = struct.Struct("<I4x")
 
 CTR_NAMES = (
