@@ -38,6 +38,18 @@ from ebpf.ringbuf import RingReader
 
 log = logging.getLogger(__name__)
 
+
+def socket_capacity(max_flows: int) -> int:
+    """Entries of the socket maps (socks, ports, watched: one per socket, or per bound port) for
+    a flow map of max_flows entries: half, as a connected socket's traffic takes two flow entries
+    (one per direction) and an idle socket none. Allocated per entry, they cost their bucket
+    array (16 bytes per entry of capacity, rounded up to a power of two) whatever their use:
+    12.6 MB for 250,000 flows at the flow capacity, 6.3 MB at half. A TCP socket on lo takes
+    one flow entry (it counts both ends): a host whose flow map is full of loopback connections
+    fills these first; what does not fit is counted (sock_map_full)."""
+    return max(4096, max_flows // 2)
+
+
 class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
     """Loads and attaches everything on construction; `close()` detaches everything."""
 
@@ -47,7 +59,7 @@ class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
         if max_flows < 16:
             raise EbpfUnavailable(f"max_flows={max_flows}: must be at least 16")
         self.max_flows = max_flows
-        self._max_socks = max(4096, max_flows)
+        self._max_socks = socket_capacity(max_flows)
         self.existing_unwatched = 0  # pre-existing sockets the kernel's socket maps had no room for
         self.poll_interval_s = poll_interval_s
         self._loaded = load(cgroup, max_flows, max_socks=self._max_socks)
