@@ -94,8 +94,8 @@ BPF_F_NO_PREALLOC = 1
 def bpf_memory(capacity: int) -> dict[str, int]:
     """memlock bytes of every BPF map and program this process holds (/proc/self/fdinfo),
     each once (by id: mmap duplicates the ring buffer's descriptor), in three parts: maps
-    preallocated to a size from the flow capacity (the flow map's, or the socket maps' half of
-    it), maps of such a size allocated per entry, the rest."""
+    preallocated to a size from the flow capacity (the flow map's, or the socket maps', the
+    same), maps of such a size allocated per entry, the rest."""
     from ebpf.collector import socket_capacity
 
     sized_from_capacity = {capacity, socket_capacity(capacity)}
@@ -222,7 +222,7 @@ def capacity_for(flows: int) -> int:
     """Kernel map and cache capacity for `flows` held flows: 25% headroom, as the kernel map is
     host-wide (every namespace's traffic). The maps allocate per entry: their memory follows
     the entries, their bucket arrays (16 bytes each) the capacity rounded up to a power of two
-    (the socket maps have half of it: ebpf.collector.socket_capacity)."""
+    (the socket maps the same: ebpf.collector.socket_capacity)."""
     return flows + flows // 4
 
 

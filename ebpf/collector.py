@@ -41,13 +41,14 @@ log = logging.getLogger(__name__)
 
 def socket_capacity(max_flows: int) -> int:
     """Entries of the socket maps (socks, ports, watched: one per socket, or per bound port) for
-    a flow map of max_flows entries: half, as a connected socket's traffic takes two flow entries
-    (one per direction) and an idle socket none. Allocated per entry, they cost their bucket
-    array (16 bytes per entry of capacity, rounded up to a power of two) whatever their use:
-    12.6 MB for 250,000 flows at the flow capacity, 6.3 MB at half. A TCP socket on lo takes
-    one flow entry (it counts both ends): a host whose flow map is full of loopback connections
-    fills these first; what does not fit is counted (sock_map_full)."""
-    return max(4096, max_flows // 2)
+    a flow map of max_flows entries: as many. A connected socket's traffic takes two flow
+    entries, but a TCP socket on lo takes one (its EGRESS entry counts both ends,
+    ebpf/loopback.py): at half the capacity, a host busy with loopback connections would run
+    out of socket entries (counted, sock_map_full) with the flow map half empty, and lose those
+    sockets' processes. Allocated per entry, the maps cost their bucket array whatever their
+    use: 16 bytes per entry of capacity rounded up to a power of two (6.3 MB more than at half,
+    for 250,000 flows)."""
+    return max(4096, max_flows)
 
 
 class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):

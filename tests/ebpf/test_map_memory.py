@@ -35,9 +35,9 @@ def test_flow_map_memory_follows_its_entries(needs_root):
         flows = fdinfo(collector._flows_fd)
         assert int(flows["max_entries"]) == CAPACITY
         assert int(flows["map_flags"], 16) & BPF_F_NO_PREALLOC
-        for name in ("socks", "ports", "watched"):  # one entry per socket: half the capacity
+        for name in ("socks", "ports", "watched"):  # one entry per socket (on lo: per flow entry)
             info = fdinfo(collector._loaded.table_fd(name))
-            assert int(info["max_entries"]) == CAPACITY // 2, name
+            assert int(info["max_entries"]) == CAPACITY, name
             assert int(info["map_flags"], 16) & BPF_F_NO_PREALLOC, name
         entries, memlock = entries_and_memlock(collector)
         # The bucket array (16 B per entry of capacity) and whatever the host has in flight;
