@@ -94,7 +94,11 @@ BPF_F_NO_PREALLOC = 1
 def bpf_memory(capacity: int) -> dict[str, int]:
     """memlock bytes of every BPF map and program this process holds (/proc/self/fdinfo),
     each once (by id: mmap duplicates the ring buffer's descriptor), in three parts: maps
-    preallocated to the flow capacity, maps of that capacity allocated per entry, the rest."""
+    preallocated to a size from the flow capacity (the flow map's, or the socket maps', the
+    same), maps of such a size allocated per entry, the rest."""
+    from ebpf.collector import socket_capacity
+
+    sized_from_capacity = {capacity, socket_capacity(capacity)}
     seen: dict[str, tuple[str, int]] = {}
     for fd in os.listdir("/proc/self/fdinfo"):
         try:
@@ -105,7 +109,7 @@ def bpf_memory(capacity: int) -> dict[str, int]:
         if "memlock" not in info or not ("map_id" in info or "prog_id" in info):
             continue
         part = "fixed"
-        if info.get("map_type") == "1" and int(info["max_entries"]) == capacity:  # hash
+        if info.get("map_type") == "1" and int(info["max_entries"]) in sized_from_capacity:
             no_prealloc = int(info["map_flags"], 16) & BPF_F_NO_PREALLOC
             part = "per_entry" if no_prealloc else "preallocated"
         seen[info.get("map_id", "p" + info.get("prog_id", ""))] = (part, int(info["memlock"]))
@@ -216,10 +220,15 @@ def census(flows: int, top: int = 16) -> None:
 
 def capacity_for(flows: int) -> int:
     """Kernel map and cache capacity for `flows` held flows: 25% headroom, as the kernel map is
-    host-wide (every namespace's traffic). The flow map is preallocated (its memory follows the
-    capacity), the socket maps are not (theirs follows the entries, their bucket arrays the
-    capacity rounded up to a power of two)."""
+    host-wide (every namespace's traffic). The maps allocate per entry: their memory follows
+    the entries, their bucket arrays (16 bytes each) the capacity rounded up to a power of two
+    (the socket maps the same: ebpf.collector.socket_capacity)."""
     return flows + flows // 4
+
+
+def power_of_two_above(n: int) -> int:
+    """The kernel's bucket count for a hash map of n entries (roundup_pow_of_two)."""
+    return 1 << (n - 1).bit_length()
 
 
 def agent_part(sockets: int, trace: str | None = None, count_objects: bool = False,
@@ -300,12 +309,19 @@ def agent_part(sockets: int, trace: str | None = None, count_objects: bool = Fal
             )
         gc.collect()
         if trace:
+            # Held: what the flows keep; peak: the most the polls that brought them had
+            # allocated at once (the RSS follows the peak: pymalloc returns an arena only
+            # when all of it is free, and a poll's transient objects lie among lasting ones).
+            held, peak = tracemalloc.get_traced_memory()
+            print(f"bench.scale: traced {held / flows:6.1f} B/flow held, "
+                  f"{peak / flows:6.1f} B/flow at the peak", file=sys.stderr)
             for stat in tracemalloc.take_snapshot().statistics(trace)[:16]:
                 frame = stat.traceback[0]
                 print(f"bench.scale: {stat.size / flows:6.1f} B/flow  "
                       f"{frame.filename}:{frame.lineno}", file=sys.stderr)
             tracemalloc.stop()
         rss_kb, anon_kb, bpf = rss_without_bpf_kb(), status_kb("RssAnon"), bpf_memory(capacity)
+        kernel_entries = agent.source.stats().flows_in_map  # host-wide, as of the last poll
         if count_objects:  # after the RSS: its own bookkeeping is large
             census(flows)
         read_start = time.process_time()
@@ -329,21 +345,25 @@ def agent_part(sockets: int, trace: str | None = None, count_objects: bool = Fal
     result("agent_rss_anon_growth_per_flow", (anon_kb - base_anon_kb) * 1024 / tracked, "bytes")
     result("agent_bpf_memlock", bpf_total / 2**20, "MB")
     result("agent_bpf_growth_per_flow", bpf_per_flow, "bytes")
+    # On lo a TCP entry counts both ends of a connection: half as many entries as flows.
+    result("agent_kernel_flow_entries", kernel_entries, "entries", "flows", tracked)
     result(f"agent_total_{sockets}_sockets", total_mb, "MB", "budget", BUDGET_MB)
     result(f"agent_active_sweep_{tracked}_flows", sweep_cpu, "s", "budget", BUDGET_SWEEP_S)
     result(f"agent_active_export_{records}_records", export_cpu, "s")
     result(f"agent_top_read_{shown}_flows", read_cpu, "s")
     # On paper, 1M sockets: 2M flows at the measured cost each (process and per-entry maps);
     # maps sized as here (25% headroom) cost in proportion to their capacity when preallocated,
-    # and their bucket arrays do when not; the ring buffer, programs and small maps stay.
+    # and their bucket arrays in proportion to it rounded up to a power of two when not (x16,
+    # not x10, from 250,000 to 2.5M); the ring buffer, programs and small maps stay.
     million_flows = 2_000_000
     million_capacity = capacity_for(million_flows)
+    buckets_scale = power_of_two_above(million_capacity) / power_of_two_above(capacity)
     on_paper = (
         base_kb * 1024
         + per_flow * million_flows
         + bpf["fixed"]
         + bpf["preallocated"] * million_capacity / capacity
-        + base_bpf["per_entry"] * million_capacity / capacity  # their bucket arrays
+        + base_bpf["per_entry"] * buckets_scale  # their bucket arrays
         + bpf_per_flow * million_flows
     ) / 2**20
     result("agent_total_1M_sockets_on_paper", on_paper, "MB")

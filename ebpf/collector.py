@@ -38,6 +38,19 @@ from ebpf.ringbuf import RingReader
 
 log = logging.getLogger(__name__)
 
+
+def socket_capacity(max_flows: int) -> int:
+    """Entries of the socket maps (socks, ports, watched: one per socket, or per bound port) for
+    a flow map of max_flows entries: as many. A connected socket's traffic takes two flow
+    entries, but a TCP socket on lo takes one (its EGRESS entry counts both ends,
+    ebpf/loopback.py): at half the capacity, a host busy with loopback connections would run
+    out of socket entries (counted, sock_map_full) with the flow map half empty, and lose those
+    sockets' processes. Allocated per entry, the maps cost their bucket array whatever their
+    use: 16 bytes per entry of capacity rounded up to a power of two (6.3 MB more than at half,
+    for 250,000 flows)."""
+    return max(4096, max_flows)
+
+
 class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
     """Loads and attaches everything on construction; `close()` detaches everything."""
 
@@ -47,7 +60,7 @@ class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
         if max_flows < 16:
             raise EbpfUnavailable(f"max_flows={max_flows}: must be at least 16")
         self.max_flows = max_flows
-        self._max_socks = max(4096, max_flows)
+        self._max_socks = socket_capacity(max_flows)
         self.existing_unwatched = 0  # pre-existing sockets the kernel's socket maps had no room for
         self.poll_interval_s = poll_interval_s
         self._loaded = load(cgroup, max_flows, max_socks=self._max_socks)
