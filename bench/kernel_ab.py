@@ -9,8 +9,11 @@ TREE: a copy of the repository (e.g. an old commit's checkout) whose ebpf/ the c
 process imports (it runs with TREE as its working directory). The first program of a TC chain
 pays ~100 ns more per run (it brings the packet and socket into the cache), so each round
 rotates the attach order; the figures are the means over rounds. Needs root, nginx and wrk;
-run it in a namespace and cgroup of its own as bench.overhead explains. One JSON line per tree
-and mode: kernel ns per connection (close) or request (keep-alive), the first tree the peer.
+run it in a namespace and cgroup of its own as bench.overhead explains. The tcp_destroy_sock
+tracepoint program is counted too (through the perf event the collector holds), but it runs for
+every TCP socket of the machine: other loads add to its runs per connection, equally for every
+tree. One JSON line per tree and mode: kernel ns per connection (close) or request (keep-alive),
+the first tree the peer.
 """
 
 from __future__ import annotations

@@ -79,6 +79,9 @@ class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
         self._watched_fd = fd("watched")
         self._socks_fd = fd("socks")
         self._ports_fd = fd("ports")
+        # One for the collector's life: it remembers the watched cookies' ceiling across scans.
+        self._socket_maps = SocketMaps(self._watched_fd, self._socks_fd, self._ports_fd,
+                                       fd("watched_ceiling"))
         self._reader = bpfsys.BatchReader(self._flows_fd, FLOW_KEY.size, FLOW_VAL.size)
         self._elems = bpfsys.ElemOps(self._flows_fd, FLOW_KEY.size, FLOW_VAL.size)
         self._attacher = InterfaceAttacher(self._loaded.tc_programs)
@@ -315,8 +318,8 @@ class FlowCollector(LiveRead, FlowEnds, LoopbackEnds):
     def scan_existing(self) -> int:
         """Learn sockets that existed before attaching (sock_diag + /proc); returns how many."""
         namespaces = [(state.ns, state.cookie) for state in self._attacher.namespaces.values()]
-        maps = SocketMaps(self._watched_fd, self._socks_fd, self._ports_fd)
-        scan = learn_existing_sockets(namespaces, self._attr, maps, self._cgroup_path)
+        scan = learn_existing_sockets(namespaces, self._attr, self._socket_maps,
+                                      self._cgroup_path)
         if scan.unwatched:
             self.existing_unwatched += scan.unwatched
             log.warning("%d sockets that existed before the agent did not fit the kernel's "

@@ -20,11 +20,22 @@ from ebpf.observation import ProcessInfo
 TCP = 6
 
 
-@dataclass(frozen=True)
+@dataclass
 class SocketMaps:
     watched_fd: int
     socks_fd: int
     ports_fd: int
+    watched_ceiling_fd: int
+    ceiling: int = 0  # the highest cookie written to watched_ceiling
+
+    def watch(self, cookie: int, ns_cookie: int) -> None:
+        """A pre-existing TCP socket into `watched`, so that its destruction is reported; the
+        ceiling first (tcp_destroy_sock skips every cookie above it), so that no destruction
+        between the two writes is missed."""
+        if cookie > self.ceiling:
+            bpfsys.update(self.watched_ceiling_fd, layout.U32.pack(0), layout.U64.pack(cookie))
+            self.ceiling = cookie
+        bpfsys.update(self.watched_fd, layout.U64.pack(cookie), layout.U64.pack(ns_cookie))
 
 
 @dataclass
@@ -59,8 +70,7 @@ def learn_existing_sockets(
             attribution.learn_existing(conn, sock, process)
             try:
                 if sock.protocol == TCP and sock.state != existing.TCP_LISTEN_STATE:
-                    bpfsys.update(maps.watched_fd, layout.U64.pack(sock.cookie),
-                                  layout.U64.pack(ns_cookie))
+                    maps.watch(sock.cookie, ns_cookie)
                 else:
                     register_socket(maps, ns_cookie, sock, process)
             except bpfsys.BpfError as exc:

@@ -197,6 +197,10 @@ BPF_F_TABLE("hash", __u64, struct sock_info, socks, MAX_SOCKS, BPF_F_NO_PREALLOC
 BPF_F_TABLE("hash", struct port_key, __u64, ports, MAX_SOCKS, BPF_F_NO_PREALLOC);
 BPF_HASH(excluded, struct port_key, __u8, 4096);
 BPF_F_TABLE("hash", __u64, __u64, watched, MAX_SOCKS, BPF_F_NO_PREALLOC);
+// The highest cookie ever put into `watched` (by the agent, before the cookie itself): every
+// TCP socket of the machine runs tcp_destroy_sock, and its `watched` lookup, a miss on a cold
+// bucket for nearly all of them, cost ~350 ns per socket; a higher cookie cannot be watched.
+BPF_ARRAY(watched_ceiling, __u64, 1);
 BPF_TABLE("lru_hash", struct frag_key, struct frag_ports, frags, 4096);
 BPF_PERCPU_ARRAY(counters, __u64, N_COUNTERS);
 // One bit per port number: set when a socket on that port (in any namespace, of either
@@ -438,29 +442,50 @@ static __always_inline void copy_process(struct flow_val *v, __u64 cookie)
     __builtin_memcpy(v->comm, info->comm, sizeof(v->comm));
 }
 
+// The socket's identity (cookie, cgroup, process), read when the flow's sending socket may have
+// changed: always for UDP and the rest (two unconnected sockets can send on one 5-tuple), for TCP
+// only on the flow's first packet from a full socket and on a SYN (a connection on a reused
+// 5-tuple is a new socket, and a new connection starts with a SYN): a TCP flow has one socket,
+// so the cookie helper per packet read the same value again.
+static __always_inline void note_socket(struct __sk_buff *skb, struct pkt *p, struct flow_val *v)
+{
+    __u64 cookie = fb_socket_cookie(skb);
+    if (v->cookie == cookie)
+        return;
+    v->cookie = cookie;
+    v->cgroup_id = bpf_skb_cgroup_id(skb);
+    if (p->key.proto == PROTO_TCP)
+        copy_process(v, cookie);
+}
+
+// TCP: bpf_tcp_sock() finds a full TCP socket on its own (NULL for a request or timewait socket,
+// whose state and health are not the connection's), so the bpf_sk_fullsock() call is not
+// needed; `state` is a sock_common field, readable through the original pointer. Anything else
+// (UDP, ICMP, raw sockets, TCP packets sent through a raw socket) takes the full socket's
+// cookie and state.
 static __always_inline void egress_socket(struct __sk_buff *skb, struct pkt *p,
                                           struct flow_val *v)
 {
     struct bpf_sock *sk = skb->sk;
     if (!sk)
         return;
+    if (p->key.proto == PROTO_TCP) {
+        struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
+        if (tp) {
+            if (!v->cookie || (p->tcp_flags & TCP_SYN))
+                note_socket(skb, p, v);
+            v->state = sk->state;
+            v->srtt_us = tp->srtt_us >> 3;  // tcp_sock keeps it scaled by 8
+            v->min_rtt_us = tp->rtt_min;
+            v->snd_cwnd = tp->snd_cwnd;
+            return;
+        }
+    }
     sk = bpf_sk_fullsock(sk);
     if (!sk)
         return;
-    __u64 cookie = fb_socket_cookie(skb);
-    if (v->cookie != cookie) {  // the cgroup and process are the socket's: read once per socket
-        v->cookie = cookie;
-        v->cgroup_id = bpf_skb_cgroup_id(skb);
-        if (p->key.proto == PROTO_TCP)
-            copy_process(v, cookie);
-    }
+    note_socket(skb, p, v);
     v->state = sk->state;
-    struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
-    if (tp) {
-        v->srtt_us = tp->srtt_us >> 3;  // tcp_sock keeps it scaled by 8
-        v->min_rtt_us = tp->rtt_min;
-        v->snd_cwnd = tp->snd_cwnd;
-    }
 }
 
 static __always_inline void track_retransmissions(struct pkt *p, struct flow_val *v,
@@ -667,6 +692,18 @@ static __always_inline void remember_socket(__u64 cookie, struct sock_info *info
         count(CTR_SOCK_MAP_FULL);
 }
 
+// A new socket's entry, unless it has one: 0 when inserted or counted as a full map, -EEXIST
+// when the entry exists. One hash operation where a lookup that misses and an update took two.
+static __always_inline int remember_new_socket(__u64 cookie, struct sock_info *info)
+{
+    int err = socks.insert(&cookie, info);
+    if (err == -17)  // -EEXIST
+        return err;
+    if (err)
+        count(CTR_SOCK_MAP_FULL);
+    return 0;
+}
+
 // TCP sockets are left to connect4/6 and post_bind4/6: a TCP socket sends nothing before one
 // of them (or TCP Fast Open's connect, which runs the connect hook too) records the process,
 // which is the same one in practice. This hook runs for every socket, so skipping TCP here saves
@@ -693,23 +730,32 @@ static __always_inline void forget_port(struct sock_info *info, __u64 cookie)
         ports.delete(&pk);
 }
 
-// The entry is changed in place when it exists (a UDP socket connecting after sock_create): an
-// update of this map (not preallocated) allocates a new element and frees the old one.
+// A connecting socket that has an entry (sock_create's for UDP; bound before connecting for TCP)
+// has it changed in place: an update of this map (not preallocated) allocates a new element and
+// frees the old one.
+static __always_inline void connected_in_place(struct sock_info *old, __u64 cookie)
+{
+    current_process(old, 2);
+    if (old->protocol == PROTO_TCP && old->bound_port)
+        forget_port(old, cookie);  // a connecting TCP socket is no listener (see sock_release)
+}
+
+// TCP sockets have no entry yet as a rule (sock_create skips them; few bind before connecting):
+// the insert is tried first, as in flow_entry. Other sockets have sock_create's entry: looked up.
 static __always_inline int on_connect(struct bpf_sock_addr *ctx)
 {
     __u64 cookie = fb_socket_cookie(ctx);
-    struct sock_info *old = socks.lookup(&cookie);
-    if (old) {
-        current_process(old, 2);
-        if (old->protocol == PROTO_TCP && old->bound_port)
-            forget_port(old, cookie);  // a connecting TCP socket is no listener (see sock_release)
+    struct sock_info *old;
+    if (ctx->protocol != PROTO_TCP && (old = socks.lookup(&cookie))) {
+        connected_in_place(old, cookie);
         return 1;
     }
     struct sock_info info = {};
     current_process(&info, 2);
     info.netns = bpf_get_netns_cookie(ctx);
     info.protocol = ctx->protocol;
-    remember_socket(cookie, &info);
+    if (remember_new_socket(cookie, &info) && (old = socks.lookup(&cookie)))
+        connected_in_place(old, cookie);
     return 1;
 }
 
@@ -786,7 +832,7 @@ static __always_inline void inherit_listener(struct bpf_sock_ops *skops, __u64 c
         return;
     struct sock_info info = *linfo;
     info.origin = 4;
-    remember_socket(cookie, &info);
+    remember_new_socket(cookie, &info);  // an entry of its own (existing scan) is kept
 }
 
 // The connection's egress flow key, as the counting programs build it (an IPv4-mapped IPv6
@@ -831,19 +877,23 @@ static __always_inline void egress_key_of(struct bpf_sock_ops *skops, __u64 netn
 // FIN and ACK the counting programs see and finalise. Everything else (SYN_SENT timeouts,
 // closes before an abortive RST, LAST_ACK timeouts) goes to the agent, which ends the flows
 // once they are quiet (ebpf/endings.py).
-static __always_inline int close_needs_agent(struct bpf_sock_ops *skops, __u64 netns)
+static __always_inline int close_needs_agent(struct bpf_sock_ops *skops, __u64 *netns)
 {
-    struct flow_key k = {};
-    egress_key_of(skops, netns, &k);
-    if (!flows.lookup(&k))
-        return 0;
+    // The old state first: it settles the timewait handover (the active closer, half of all
+    // closes) without the flow map lookup.
     __u32 old = skops->args[0];
-    return old != TCP_STATE_FIN_WAIT1 && old != TCP_STATE_FIN_WAIT2 && old != TCP_STATE_CLOSING;
+    if (old == TCP_STATE_FIN_WAIT1 || old == TCP_STATE_FIN_WAIT2 || old == TCP_STATE_CLOSING)
+        return 0;
+    *netns = bpf_get_netns_cookie(skops);
+    struct flow_key k = {};
+    egress_key_of(skops, *netns, &k);
+    return flows.lookup(&k) != 0;
 }
 
-static __always_inline void tcp_closed(struct bpf_sock_ops *skops, __u64 cookie, __u64 netns)
+static __always_inline void tcp_closed(struct bpf_sock_ops *skops, __u64 cookie)
 {
-    if (!close_needs_agent(skops, netns)) {
+    __u64 netns = 0;
+    if (!close_needs_agent(skops, &netns)) {
         socks.delete(&cookie);
         return;
     }
@@ -885,14 +935,15 @@ int sock_ops(struct bpf_sock_ops *skops)
 {
     __u32 op = skops->op;
     if (op == BPF_SOCK_OPS_TCP_CONNECT_CB || op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
-        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+        // Set at TCP_CONNECT already, as a rule: ACTIVE_ESTABLISHED needs no helper call then.
+        __u32 flags = skops->bpf_sock_ops_cb_flags;
+        if (!(flags & BPF_SOCK_OPS_STATE_CB_FLAG))
+            bpf_sock_ops_cb_flags_set(skops, flags | BPF_SOCK_OPS_STATE_CB_FLAG);
     } else if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
         bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-        __u64 cookie = fb_socket_cookie(skops);
-        if (!socks.lookup(&cookie))
-            inherit_listener(skops, cookie, bpf_get_netns_cookie(skops));
+        inherit_listener(skops, fb_socket_cookie(skops), bpf_get_netns_cookie(skops));
     } else if (op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == TCP_STATE_CLOSE) {
-        tcp_closed(skops, fb_socket_cookie(skops), bpf_get_netns_cookie(skops));
+        tcp_closed(skops, fb_socket_cookie(skops));
     }
     return 1;
 }
@@ -902,6 +953,10 @@ int sock_ops(struct bpf_sock_ops *skops)
 TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 {
     __u64 cookie = args->sock_cookie;
+    __u32 zero = 0;
+    __u64 *ceiling = watched_ceiling.lookup(&zero);
+    if (!ceiling || cookie > *ceiling)
+        return 0;
     __u64 *netns = watched.lookup(&cookie);
     if (!netns)
         return 0;

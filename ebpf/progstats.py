@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,7 @@ from ebpf import bpfsys
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_TASK_FD_QUERY = 20
 BPF_ENABLE_STATS = 32
 BPF_F_QUERY_EFFECTIVE = 1
 PROG_TYPE_SCHED_CLS = 3
@@ -87,6 +89,36 @@ def _program_fds(pid: int | str) -> Iterator[tuple[int, dict[str, str]]]:
             continue  # closed meanwhile
         if "run_cnt" in fields and "prog_type" in fields:
             yield int(name), {k: v.strip() for k, v in fields.items()}
+
+
+def _tracepoint_program_fds(pid: int | str) -> Iterator[tuple[int, dict[str, str]]]:
+    """Programs attached through a process's perf event descriptors (bcc's tracepoints: the
+    process holds the perf event, not the program), each as a descriptor of our own and its
+    fdinfo fields; closed after use."""
+    task = os.getpid() if pid == "self" else int(pid)
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[perf_event]":
+                continue
+        except OSError:
+            continue
+        attr = ctypes.create_string_buffer(bpfsys._ATTR_SIZE)
+        # struct bpf_attr.task_fd_query: pid, fd, flags, buf_len, buf, prog_id (out), ...
+        struct.pack_into("<IIIIQ", attr, 0, task, int(name), 0, 0, 0)
+        try:
+            bpfsys._bpf(BPF_TASK_FD_QUERY, attr)
+            (prog_id,) = struct.unpack_from("<I", attr, 24)
+            get = ctypes.create_string_buffer(bpfsys._ATTR_SIZE)
+            struct.pack_into("<I", get, 0, prog_id)
+            fd = bpfsys._bpf(BPF_PROG_GET_FD_BY_ID, get)
+        except bpfsys.BpfError:
+            continue  # no program on this perf event, or it went meanwhile
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            yield fd, {k: v.strip() for k, v in fields.items()}
+        finally:
+            os.close(fd)
 
 
 def _query(target: int, attach_type: int, flags: int = 0) -> set[int]:
@@ -144,15 +176,16 @@ def stats_holders() -> list[int]:
 
 def snapshot(pid: int | str = "self", tc_ifindexes: tuple[int, ...] | None = None
              ) -> dict[str, ProgramCost]:
-    """Cumulative cost per program name of every BPF program a process holds open; with
-    `tc_ifindexes`, of the TC programs only those attached to these interfaces of the calling
-    thread's namespace."""
+    """Cumulative cost per program name of every BPF program a process holds open or attached
+    through a perf event it holds (tracepoints: these run for the whole machine, whatever the
+    namespace); with `tc_ifindexes`, of the TC programs only those attached to these interfaces
+    of the calling thread's namespace."""
     totals: dict[str, ProgramCost] = {}
     seen_ids: set[str] = set()
     tc_ids = None
     if tc_ifindexes is not None:
         tc_ids = {str(i) for ifindex in tc_ifindexes for i in tcx_program_ids(ifindex)}
-    for _fd, fields in _program_fds(pid):
+    for _fd, fields in itertools.chain(_program_fds(pid), _tracepoint_program_fds(pid)):
         if fields.get("prog_id") in seen_ids:
             continue  # the same program under two fds (bcc keeps its own)
         seen_ids.add(fields.get("prog_id", ""))

@@ -75,3 +75,30 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, \\
         source.sendto(b"x", sink.getsockname())
         sink.recv(10)
 """
+
+
+def test_tracepoint_program_is_counted_through_its_perf_event() -> None:
+    """bcc attaches tcp_destroy_sock through a perf event: the collector holds the event, not
+    the program, and every destroyed TCP socket (of the whole machine) runs it."""
+    collector = open_collector()
+    try:
+        with progstats.stats_enabled():
+            before = progstats.snapshot()
+            with socket.socket() as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(8)
+                for _ in range(5):
+                    client = socket.create_connection(listener.getsockname())
+                    accepted, _ = listener.accept()
+                    for sock in (client, accepted):  # a RST: destroyed at close, no TIME_WAIT
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                        sock.close()
+            costs = progstats.difference(progstats.snapshot(), before)
+    finally:
+        collector.close()
+    names = [name for name in costs if "tcp_destro" in name]  # bcc names it tcp__tcp_destro
+    assert len(names) == 1, sorted(costs)
+    destroy = costs[names[0]]
+    assert destroy.run_cnt >= 10  # two sockets per connection; other sockets may add runs
+    assert destroy.run_time_ns > 0
