@@ -197,12 +197,13 @@ def judge_single(flows: Sequence[Flow], expected: Sequence[Expected], rules: Rul
 def judge_split(flows: Sequence[Flow], expected: Sequence[Expected], rules: Rules,
                 min_records: int) -> list[str]:
     """A long flow: >= min_records records per direction, ended by the active timeout except the
-    last, adding up exactly to the capture, starting and ending where the capture does."""
+    last, adding up exactly to the capture, starting and ending where the capture does (a late
+    tail after the end-of-flow record merged into it, as judge_single does)."""
     problems = []
     index = FlowIndex(flows)
     for want in expected:
-        found = sorted((f for f in index.candidates(want) if matches(f, want, rules)),
-                       key=lambda f: int(f.get("flowStartMilliseconds", 0)))  # type: ignore[call-overload]
+        found = merged_late_tail(sorted(
+            (f for f in index.candidates(want) if matches(f, want, rules)), key=_start_end))
         where = f"{rules.collector}/{rules.protocol} {_label(want)}"
         octets = sum(int(f.get("octetDeltaCount", 0)) for f in found)  # type: ignore[call-overload]
         packets = sum(int(f.get("packetDeltaCount", 0)) for f in found)  # type: ignore[call-overload]

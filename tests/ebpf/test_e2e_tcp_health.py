@@ -1,5 +1,5 @@
 """TCP health against ground truth: with delay on the lab's wire the RTT the collector reports
-(srtt, min_rtt) is within 10% of the RTT samples the capture shows and of the socket's TCP_INFO;
+(srtt, min_rtt) agrees with the RTT samples the capture shows and with the socket's TCP_INFO;
 with loss on the wire the retransmissions it counts equal the capture's (the same sequence space
 sent twice), and bytes and packets still equal the capture on both sides.
 
@@ -63,8 +63,13 @@ def health_of(observed: dict[FlowKey, FlowObservation], key: FlowKey
 
 def test_rtt_with_delay(needs_root, lab: NetLab, book: FlowBook):
     """Small request/response rounds, so every RTT sample is the path's RTT (no queueing). The
-    references, per side: the RTT samples the capture shows for that side's segments (min and
-    median), and the socket's own TCP_INFO just before it closed."""
+    references, per side, from the RTT samples the capture shows for that side's segments:
+    min_rtt is the smallest sample (and the socket's TCP_INFO min_rtt just before it closed);
+    srtt, the kernel's moving average of the samples (7/8 old + 1/8 new), lies between the
+    smallest and the largest. Not the median or TCP_INFO's rtt: on a loaded machine the wire
+    (a userspace forwarder) delays a sample now and then, and one late sample among the last
+    (the FIN's, after TCP_INFO was read) moves srtt by 1/8 of its excess, and not the median
+    (srtt 48 ms against a 41.9 ms reference failed once under other benchmarks' load)."""
     lab.impair(delay_ms=DELAY_MS, towards="both")
     host_truth, peer_truth, observed, exchange = run_observed(lab, book, 4, [(10, 10)] * 8)
     problems = diff_all(observed, {**host_truth, **peer_truth})
@@ -73,21 +78,22 @@ def test_rtt_with_delay(needs_root, lab: NetLab, book: FlowBook):
         _, returned = ingress(truth)
         samples = rtt_samples_ms(sent, returned)
         assert len(samples) >= 8 and min(samples) >= 2 * DELAY_MS, "the wire's delay is off"
-        references = {
-            "srtt": [(statistics.median(samples), "median RTT sample in the capture"),
-                     (report.tcp_info["rtt_us"] / 1000, "the socket's TCP_INFO rtt")],
-            "min_rtt": [(min(samples), "smallest RTT sample in the capture"),
-                        (report.tcp_info["min_rtt_us"] / 1000, "the socket's TCP_INFO min_rtt")],
-        }
+        min_rtt_references = [
+            (min(samples), "smallest RTT sample in the capture"),
+            (report.tcp_info["min_rtt_us"] / 1000, "the socket's TCP_INFO min_rtt")]
         health, missing = health_of(observed, key)
         problems += missing
         if health is None:
             continue
-        for name, value_us in (("srtt", health.srtt_us), ("min_rtt", health.min_rtt_us)):
-            for reference, what in references[name]:
-                if abs(value_us / 1000 - reference) > 0.10 * reference:
-                    problems.append(f"{describe(key)}: {name} {value_us / 1000:.1f} ms, "
-                                    f"{what} {reference:.1f} ms (tolerance 10%)")
+        for reference, what in min_rtt_references:
+            if abs(health.min_rtt_us / 1000 - reference) > 0.10 * reference:
+                problems.append(f"{describe(key)}: min_rtt {health.min_rtt_us / 1000:.1f} ms, "
+                                f"{what} {reference:.1f} ms (tolerance 10%)")
+        low, high = 0.90 * min(samples), 1.10 * max(samples)
+        if not low <= health.srtt_us / 1000 <= high:
+            problems.append(f"{describe(key)}: srtt {health.srtt_us / 1000:.1f} ms outside the "
+                            f"capture's RTT samples {min(samples):.1f}..{max(samples):.1f} ms "
+                            f"(tolerance 10%; median {statistics.median(samples):.1f} ms)")
     assert not problems, "\n".join(problems)
 
 

@@ -33,7 +33,7 @@ from tests.harness.collector_common import (
     wait_until,
     write_pcap,
 )
-from tests.harness.collector_tshark_raw import has_raw_fields, raw_records
+from tests.harness.collector_tshark_raw import has_raw_fields, raw_records, tshark_timeout_s
 
 
 def _int(text: str) -> int:
@@ -243,7 +243,7 @@ def parse_tshark_json(text: str, raw: Sequence[dict] = ()) -> TsharkResult:
 def decode_pcap(pcap: Path, port: int) -> TsharkResult:
     text = run_tool(
         ["tshark", "-n", "-r", str(pcap), "-d", f"udp.port=={port},cflow", "-T", "json"],
-        timeout=120,
+        timeout=tshark_timeout_s(pcap),
         env={"TZ": "UTC"},
     )
     # Elements tshark 4.0 cannot name need a second pass, only when the capture holds some.

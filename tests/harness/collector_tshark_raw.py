@@ -24,6 +24,14 @@ _V9_TYPE = re.compile(r"^Unknown Field Type: Type (\d+):")
 _BY_NTOP_ID = {e.id: e for e in BY_NAME.values() if e.pen == NTOP_PEN}
 
 
+def tshark_timeout_s(pcap: Path) -> float:
+    """How long tshark may take to decode `pcap`: it grows with the file, which holds every
+    flow of the host the agent exported (other benchmarks' churn too, on a shared machine).
+    Measured ~2 s per MiB at load average 7.7 on this 2-core VM; 30 s per MiB leaves room for
+    a CPU share several times smaller, 120 s the floor for a small file."""
+    return 120.0 + 30.0 * pcap.stat().st_size / 2**20
+
+
 def has_raw_fields(tshark_json: str) -> bool:
     return any(f'"{name}"' in tshark_json for name in RAW_FIELDS)
 
@@ -72,6 +80,6 @@ def parse_pdml(text: str) -> list[dict[str, object]]:
 def raw_records(pcap: Path, port: int) -> list[dict[str, object]]:
     text = run_tool(
         ["tshark", "-n", "-r", str(pcap), "-d", f"udp.port=={port},cflow", "-T", "pdml"],
-        timeout=120,
+        timeout=tshark_timeout_s(pcap),
     )
     return parse_pdml(text)

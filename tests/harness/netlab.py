@@ -293,5 +293,10 @@ class NetLab:
     def udp(self, client: Endpoint, server: Endpoint, version: int = 4, **kwargs: object):
         return self.processes.udp(client, server, version, **kwargs)
 
+    def bare_ack(self, source: Endpoint, target: Endpoint, version: int, sport: int, dport: int,
+                 seq: int, ack: int) -> None:
+        """One bare ACK from a raw socket, delivered; see LabProcesses.bare_ack."""
+        self.processes.bare_ack(source, target, version, sport, dport, seq, ack)
+
     def ping(self, source: Endpoint, target: Endpoint, version: int = 4, **kwargs: object):
         return self.processes.ping(source, target, version, **kwargs)

@@ -196,14 +196,19 @@ class Capture:
             else:
                 self.kill()
 
-    def flows(self) -> dict[CaptureKey, CaptureFlow]:
-        return parse_pcap(self.path, self.local_macs, self.local_addrs)
+    def flows(self, after: Capture | None = None) -> dict[CaptureKey, CaptureFlow]:
+        """Per-flow totals; with `after`, an earlier capture of the same interface that stopped
+        when nothing was passing, the totals of both as if one capture had run throughout."""
+        earlier = after.flows() if after is not None else None
+        return parse_pcap(self.path, self.local_macs, self.local_addrs, earlier)
 
 
-def parse_pcap(path: Path, local_macs: set[str], local_addrs: set[bytes]
+def parse_pcap(path: Path, local_macs: set[str], local_addrs: set[bytes],
+               flows: dict[CaptureKey, CaptureFlow] | None = None
                ) -> dict[CaptureKey, CaptureFlow]:
-    """Per-flow totals. A packet is EGRESS when the captured endpoint sent it: its source MAC is
-    the endpoint's (or, without Ethernet, its source address is one of the endpoint's).
+    """Per-flow totals (added to `flows`, an earlier file's, when given). A packet is EGRESS when
+    the captured endpoint sent it: its source MAC is the endpoint's (or, without Ethernet, its
+    source address is one of the endpoint's).
 
     scapy reads the file; headers are decoded with struct because full dissection runs at ~3,500
     packets/s, too slow for multi-megabyte transfers. `parse_pcap_dissected` is the same with
@@ -211,7 +216,7 @@ def parse_pcap(path: Path, local_macs: set[str], local_addrs: set[bytes]
     from scapy.utils import RawPcapReader
 
     macs = {bytes.fromhex(m.replace(":", "")) for m in local_macs}
-    flows: dict[CaptureKey, CaptureFlow] = {}
+    flows = {} if flows is None else flows
     with RawPcapReader(str(path)) as reader:
         ethernet = reader.linktype == 1
         for frame, meta in reader:

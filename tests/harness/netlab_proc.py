@@ -13,6 +13,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,29 @@ class TcpSession:
         return Exchange(self.version, client, server)
 
 
+SEND_BARE_ACK = """
+import sys
+from scapy.all import IP, TCP, IPv6, send
+version, src, dst, sport, dport, seq, ack = sys.argv[1:]
+ip = (IP if version == "4" else IPv6)(src=src, dst=dst)
+send(ip / TCP(sport=int(sport), dport=int(dport), flags="A", seq=int(seq), ack=int(ack)),
+     verbose=False)
+"""
+
+
+def _ip_packets_received(endpoint: Endpoint, version: int) -> int:
+    """The namespace's IP InReceives: every packet its IP layer took in (after the capture and
+    the TC ingress hook saw it)."""
+    name, counter = ("snmp", "Ip:") if version == 4 else ("snmp6", "Ip6InReceives")
+    text = subprocess.run([*endpoint.prefix, "cat", f"/proc/net/{name}"], capture_output=True,
+                          text=True, timeout=30, check=True).stdout
+    if version == 6:
+        return int(next(line.split()[1] for line in text.splitlines()
+                        if line.startswith(counter + " ")))
+    names, values = (line.split() for line in text.splitlines() if line.startswith(counter))
+    return int(values[names.index("InReceives")])
+
+
 class LabProcesses:
     def __init__(self, script: Path):
         self.script = script
@@ -204,6 +228,23 @@ class LabProcesses:
         cli.wait()
         srv.wait()
         return Exchange(version, client_report, server_report)
+
+    def bare_ack(self, source: Endpoint, target: Endpoint, version: int, sport: int, dport: int,
+                 seq: int, ack: int, timeout_s: float = 30.0) -> None:
+        """One TCP segment with only ACK set and no options (40 B over IPv4), sent with scapy
+        from a raw socket in `source`'s namespace; returns once `target`'s IP layer received it
+        (so both ends' captures and counting programs have seen it). For a packet of a
+        connection both ends have closed, which no traffic process can send."""
+        received = _ip_packets_received(target, version)
+        argv = [*source.prefix, sys.executable, "-c", SEND_BARE_ACK, str(version),
+                source.addr(version), target.addr(version), str(sport), str(dport), str(seq),
+                str(ack)]
+        subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=True)
+        deadline = time.monotonic() + timeout_s
+        while _ip_packets_received(target, version) == received:
+            if time.monotonic() > deadline:
+                raise TrafficError(f"the bare ACK to {target.addr(version)} never arrived")
+            time.sleep(0.02)
 
     def ping(self, source: Endpoint, target: Endpoint, version: int = 4, count: int = 3,
              size: int = 56, interval_s: float = 0.05) -> PingReport:

@@ -91,17 +91,20 @@ LATE_TAIL_MAX_PACKETS = 2
 
 
 def merged_late_tail(records: Sequence[Flow]) -> list[Flow]:
-    """A TCP connection's record followed by its late packets, as one record.
+    """A TCP connection's end-of-flow record followed by its late packets, as one record.
 
     The kernel ends a connection at the ACK of its second FIN (ebpf/README.md). A packet after
     that - the duplicate ACK answering a FIN the peer retransmitted because our ACK came late, as
     a loaded machine makes happen - starts a flow of its own, as a router's FIN expiry does. Such
-    a tail (at most two packets, no SYN, starting at or after the connection record's end) is
-    merged back: counts summed, flags ORed, the first record's start and reason, the last end;
-    the merged record must still equal the capture. Anything else is returned as it is."""
-    if len(records) < 2 or records[0].get("flowEndReason") != END_OF_FLOW:
+    a tail (at most two packets, no SYN, starting at or after the end-of-flow record's end) is
+    merged back: counts summed, flags ORed, the end-of-flow record's start and reason, the last
+    end; the merged record must still equal the capture. Records before the end-of-flow one (a
+    long flow split by the active timeout) are kept as they are; anything else is returned as it
+    is."""
+    ends = [at for at, record in enumerate(records) if record.get("flowEndReason") == END_OF_FLOW]
+    if not ends or ends[0] == len(records) - 1:
         return list(records)
-    first, tail = records[0], records[1:]
+    first, tail = records[ends[0]], records[ends[0] + 1:]
     end = first.get("flowEndMilliseconds", 0)
     for late in tail:
         if (late.get("protocolIdentifier", 6) != 6
@@ -117,7 +120,17 @@ def merged_late_tail(records: Sequence[Flow]) -> list[Flow]:
                                     | int(late.get("tcpControlBits", 0)))  # type: ignore[call-overload]
         merged["flowEndMilliseconds"] = max(int(merged.get("flowEndMilliseconds", 0)),  # type: ignore[call-overload]
                                             int(late.get("flowEndMilliseconds", 0)))  # type: ignore[call-overload]
-    return [merged]
+    return [*records[:ends[0]], merged]
+
+
+def exported_in_full(flows: Iterable[Flow], expected: Expected) -> bool:
+    """Whether the records of one expected direction are all out: an end-of-flow record, and
+    packets adding up to at least the capture's. The end-of-flow record alone is not enough:
+    a late packet's record (merged_late_tail) leaves by the agent's timeout, seconds later."""
+    found = records_of(flows, expected)
+    packets = sum(int(f.get("packetDeltaCount", 0)) for f in found)  # type: ignore[call-overload]
+    return (any(f.get("flowEndReason") == END_OF_FLOW for f in found)
+            and packets >= expected.truth.packets)
 
 
 def _time_problem(name: str, have: object, want_ms: float, whole_seconds: bool) -> str | None:
@@ -198,11 +211,12 @@ def diff_split(collector: str, flows: Sequence[Flow], expected: Sequence[Expecte
                min_records: int, final_reason: int = END_OF_FLOW) -> list[str]:
     """Each expected direction split by the active timeout: >= min_records records, reasons 2
     then `final_reason` last, counts adding up to the capture exactly, periods in time order
-    without overlap, the first starting and the last ending where the capture does."""
+    without overlap, the first starting and the last ending where the capture does. A late tail
+    after the end-of-flow record is part of that record (merged_late_tail)."""
     problems = []
     for want in expected:
         name = f"{collector} {want.label()}"
-        found = records_of(flows, want)
+        found = merged_late_tail(records_of(flows, want))
         octets = sum(int(f.get("octetDeltaCount", 0)) for f in found)  # type: ignore[call-overload]
         packets = sum(int(f.get("packetDeltaCount", 0)) for f in found)  # type: ignore[call-overload]
         reasons = [f.get("flowEndReason") for f in found]

@@ -167,7 +167,7 @@ def test_agent_dropped_to_nobody_still_counts_serves_and_exports(tmp_path: Path)
             "--state-socket", state_path, "--idle-timeout", "60", "--active-timeout", "300"]
     try:
         with AgentProcess(args) as agent:
-            agent.wait_ready(timeout=120)
+            agent.wait_ready()
             assert agent.process is not None
             status = Path(f"/proc/{agent.process.pid}/status").read_text()
             uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()  # type: ignore[union-attr]
