@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -37,6 +38,15 @@ def open_collector(**kwargs: object):
         return collector_module.FlowCollector(poll_interval_s=0.1, **kwargs)
     except errors_module.EbpfUnavailable as exc:
         skip_or_fail(f"eBPF collector unavailable: {exc}")
+
+
+def poll_reading_the_map(collector) -> list:  # type: ignore[no-untyped-def]
+    """A poll that reads the flow map: a poll reads it at most every LIVE_READ_INTERVAL_NS
+    (ebpf/live_read.py), so one right after another would say nothing of the map."""
+    from ebpf.live_read import LIVE_READ_INTERVAL_NS
+
+    time.sleep(LIVE_READ_INTERVAL_NS / 1e9)
+    return collector.poll(0)
 
 
 @pytest.fixture(scope="module")

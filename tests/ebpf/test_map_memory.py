@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.ebpf.conftest import open_collector
+from tests.ebpf.conftest import open_collector, poll_reading_the_map
 
 BPF_F_NO_PREALLOC = 1
 CAPACITY = 1 << 20
@@ -24,7 +24,7 @@ def fdinfo(fd: int) -> dict[str, str]:
 
 def entries_and_memlock(collector) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     """The flow map's entries (host-wide, as a poll reads them) and its memlock right after."""
-    collector.poll(0)
+    poll_reading_the_map(collector)
     return collector.stats().flows_in_map, int(fdinfo(collector._flows_fd)["memlock"])
 
 
