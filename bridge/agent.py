@@ -29,12 +29,6 @@ from ebpf.observation import ObservationSource, SourceStats
 log = logging.getLogger("flowbridge.agent")
 
 POLL_MS = 200  # bounds how late a signal is acted on
-# Under load the source always has records pending and a step would follow the last at once.
-# Part of a step's work is per step, whatever it carries (the live read walks every bucket of
-# the kernel's flow map, ~0.4 ms; a flush sends a part-filled message): at most this many steps
-# a second keeps that part small. Records leave at most this much later; the ring buffer holds
-# far more than a step's worth of events (~1 MB at 12k connections/s).
-MIN_STEP_S = 0.25
 # Every record allocates tuples and objects, freed by reference counting, not by the cyclic
 # collector. A young collection walks every young object still alive, and all of one poll's
 # observations are alive together: at 10,000 a collection cost ~1 ms and the collector ~13% of
@@ -256,11 +250,7 @@ class Agent:
                             self.reload(load_config())
                         except UserError as exc:
                             log.error("reload refused, keeping the running configuration: %s", exc)
-                started = time.monotonic()
                 self.step()
-                rest = MIN_STEP_S - (time.monotonic() - started)
-                if rest > 0 and not self._stop:
-                    time.sleep(rest)
         finally:
             self.shutdown()
 
