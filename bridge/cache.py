@@ -281,12 +281,19 @@ class FlowCache:
         starts = self._active_starts
         active_flows = self._active_flows
         started_before = now_ms - self.active_ms
+        limit = now_ms - self.idle_ms
+        # A flow whose period is over but which is idle too ends by the idle timeout below:
+        # flowEndReason "active timeout" says the flow was still active (RFC 5102), and an
+        # active record followed by an empty idle end would report one packet as active.
+        idle_and_due: list[Flow] = []
         while starts and starts[0] <= started_before:
             start_ms = starts.popleft()
             flow = active_flows.popleft()
             if flow.start_ms == start_ms and flows.get(flow.key) is flow:
-                self._emit(flow, ACTIVE_TIMEOUT, out)
-        limit = now_ms - self.idle_ms
+                if flow.last_ms <= limit:
+                    idle_and_due.append(flow)
+                else:
+                    self._emit(flow, ACTIVE_TIMEOUT, out)
         expired: list[Flow] = []
         for flow in flows.values():
             if flow.last_ms > limit:
@@ -301,6 +308,9 @@ class FlowCache:
                     flows.move_to_end(flow.key)  # the connection is not idle yet
                     continue
             self._finish(flow, IDLE_TIMEOUT, out, release=True)
+        for flow in idle_and_due:  # kept (biflow: its peer is active): its period is over
+            if flows.get(flow.key) is flow and flow.start_ms:
+                self._emit(flow, ACTIVE_TIMEOUT, out)
         if self._tombstones:
             self._tombstones = {k: v for k, v in self._tombstones.items() if v[4] > now_ms}
         return out

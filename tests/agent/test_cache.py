@@ -27,6 +27,41 @@ def test_idle_timeout_exports_once_and_releases_kernel_state():
     assert cache.records_by_reason[EndReason.IDLE_TIMEOUT] == 1
 
 
+def test_a_flow_idle_when_its_period_ends_ends_by_the_idle_timeout():
+    """With equal timeouts (or a late sweep) a one-packet flow is over both; it was not active,
+    so its one record says idle (RFC 5102 flowEndReason), and it leaves the cache."""
+    cache = FlowCache(active_timeout=2, idle_timeout=2)
+    k = key()
+    cache.update([obs(k, 52, 1, T0, T0)])
+    out = cache.sweep(T0 + 2_000)
+    assert [(r[PACKETS], r[REASON]) for r in out] == [(1, EndReason.IDLE_TIMEOUT)]
+    assert len(cache) == 0 and cache.take_released() == [k]
+    assert cache.records_by_reason[EndReason.ACTIVE_TIMEOUT] == 0
+
+
+def test_a_flow_still_active_when_its_period_ends_ends_it_by_the_active_timeout():
+    cache = FlowCache(active_timeout=2, idle_timeout=2)
+    k = key()
+    cache.update([obs(k, 52, 1, T0, T0)])
+    cache.update([obs(k, 104, 2, T0, T0 + 1_500)])
+    out = cache.sweep(T0 + 2_000)
+    assert [(r[PACKETS], r[REASON]) for r in out] == [(2, EndReason.ACTIVE_TIMEOUT)]
+    assert len(cache) == 1
+
+
+def test_biflow_idle_direction_of_an_active_connection_gets_its_active_record():
+    """The idle pass keeps a direction whose reverse is active (biflow): its period is over, so
+    it still leaves by the active timeout, with its peer."""
+    cache = FlowCache(active_timeout=2, idle_timeout=2, biflow=True)
+    k = key()
+    cache.update([obs(k, 52, 1, T0, T0), obs(reverse(k), 52, 1, T0, T0)])
+    cache.update([obs(reverse(k), 104, 2, T0, T0 + 1_500)])
+    out = cache.sweep(T0 + 2_000)
+    assert [r[REASON] for r in out] == [EndReason.ACTIVE_TIMEOUT]
+    assert out[0][PACKETS] + (out[0][PEER][PACKETS] if out[0][PEER] else 0) == 3
+    assert len(cache) == 2
+
+
 def test_activity_postpones_idle_timeout():
     cache = FlowCache(idle_timeout=15)
     k = key()
